@@ -1,0 +1,70 @@
+"""What every task module provides. A fourth task subclasses Task and registers itself.
+
+The generator, the trainer's metadata and the evaluation engine only ever talk to a task through
+these methods, so each task's text format is written exactly once, in its own module.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+from tasks import protocol
+
+METHODS = ("baseline", "scratchpad", "retuning")
+Record = tuple[str, str]  # (input, output): the prompt and what the model must write after it
+
+
+class Task:
+    """One problem family. ``Problem`` is whatever the task likes (a tuple, a list); it is
+    rendered to text only through the methods below."""
+
+    name: str = ""
+
+    # --- problems -------------------------------------------------------------------------
+    def sample(self, rng: random.Random, length: int) -> Any:
+        """A problem of ``length`` for evaluation (e.g. both operands exactly n digits)."""
+        raise NotImplementedError
+
+    def length(self, problem: Any) -> int:
+        """The problem's length, the x axis of every accuracy plot."""
+        raise NotImplementedError
+
+    def solution(self, problem: Any) -> Any:
+        """The correct answer, computed directly (the value ``parse_answer`` must return)."""
+        raise NotImplementedError
+
+    # --- text -----------------------------------------------------------------------------
+    def question(self, problem: Any) -> str:
+        """The Re-Tuning question text, e.g. ``"73199 + 21439"``."""
+        raise NotImplementedError
+
+    def prompt(self, problem: Any, method: str) -> str:
+        """The first context a model sees for ``method``; Re-Tuning poses ``question``."""
+        raise NotImplementedError
+
+    def oracle(self, context: str, method: str) -> str:
+        """The completion a perfect model writes after ``context`` (any context of a solve)."""
+        raise NotImplementedError
+
+    def parse_answer(self, text: str, method: str) -> Any:
+        """The answer value in a model's final text; raises ValueError when unparsable."""
+        raise NotImplementedError
+
+    # --- derived, shared by every task ----------------------------------------------------
+    def records(self, problem: Any, method: str) -> list[Record]:
+        """Every training record of one problem: the oracle's trace through the protocol."""
+        if method == "retuning":
+            trace = protocol.solve(self.question(problem), lambda c: self.oracle(c, method))
+            return trace.steps
+        context = self.prompt(problem, method)
+        return [(context, self.oracle(context, method))]
+
+    def is_correct(self, problem: Any, final_text: str, method: str) -> bool:
+        try:
+            return self.parse_answer(final_text, method) == self.solution(problem)
+        except ValueError:
+            return False
+
+    def sample_paper(self, method: str, rng: random.Random) -> Iterator[Record]:
+        """Paper-scale training records (SPEC sampling and re-weighting) for ``method``."""
+        raise NotImplementedError

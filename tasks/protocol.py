@@ -1,0 +1,116 @@
+"""The Call/Return protocol (SPEC.md section 1): the one place where its text rules live.
+
+A problem Q is posed as ``Q + "\\nSolution: "``. A completion either answers, or ends in a line
+``"Call: " + sub_question + "\\n"``. The sub-question is solved in a fresh context, and the parent
+continues from ``context + completion + "Return: " + answer + "\\nAnswer: "``.
+
+Both the data generator (driving the protocol with a task's oracle) and the evaluation engine
+(driving it with a model) use these functions, so training text and inference text are the same
+by construction. Example of one solve of ``"73199 + 21439"`` (two of its steps)::
+
+    "73199 + 21439\\nSolution: "                                     -> "Call: 3199 + 1439\\n"
+    "73199 + 21439\\nSolution: Call: 3199 + 1439\\nReturn: Carry 0, Output 4638\\nAnswer: "
+                                                                    -> "Carry 0, Output 94638"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+SOLUTION_CUE = "\nSolution: "
+ANSWER_CUE = "\nAnswer: "
+CALL_TAG = "Call: "
+RETURN_TAG = "Return: "
+ANSWER_TAG = "Answer: "
+
+
+class ProtocolError(ValueError):
+    """A completion that breaks the protocol (malformed call, runaway recursion, ...)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def pose(question: str) -> str:
+    """The context in which a (sub-)problem is solved: ``"9 + 9"`` -> ``"9 + 9\\nSolution: "``."""
+    return question + SOLUTION_CUE
+
+
+def question_of(context: str) -> str:
+    """The question a context poses: ``"9 + 9\\nSolution: Call: ..."`` -> ``"9 + 9"``."""
+    return context.split(SOLUTION_CUE, 1)[0]
+
+
+def find_call(completion: str) -> str | None:
+    """The sub-question a completion calls, or None when it answers.
+
+    ``"Call with array minus first element. Call: Create dp array [-1, 4]\\n"``
+    -> ``"Create dp array [-1, 4]"``. Raises ProtocolError("malformed_call") for a ``Call: `` with
+    an empty question or with text on a line after it.
+    """
+    at = completion.rfind(CALL_TAG)
+    if at < 0:
+        return None
+    sub_question = completion[at + len(CALL_TAG):]
+    if sub_question.endswith("\n"):
+        sub_question = sub_question[:-1]
+    if not sub_question.strip() or "\n" in sub_question:
+        raise ProtocolError("malformed_call", repr(completion[at:]))
+    return sub_question
+
+
+def append_return(context: str, completion: str, returned: str) -> str:
+    """The parent's next context once its call came back with ``returned``::
+
+        append_return("3 + 4\\nSolution: ", "Call: ...\\n", "Carry 0, Output 7")
+        == "3 + 4\\nSolution: Call: ...\\nReturn: Carry 0, Output 7\\nAnswer: "
+    """
+    return context + completion + RETURN_TAG + returned + ANSWER_CUE
+
+
+def read_answer(completion: str) -> str:
+    """What a finished context hands back: the text after its last ``Answer: ``, else all of it.
+
+    ``"Append 1 if False else 2.\\nAnswer: [1, 2, 1]"`` -> ``"[1, 2, 1]"``;
+    ``"Carry 0, Output 4638"`` -> ``"Carry 0, Output 4638"``.
+    """
+    at = completion.rfind(ANSWER_TAG)
+    return completion if at < 0 else completion[at + len(ANSWER_TAG):]
+
+
+@dataclass
+class Trace:
+    """Every (context, completion) pair of one solve, in the order they were generated."""
+
+    steps: list[tuple[str, str]] = field(default_factory=list)
+    answer: str | None = None
+    calls: int = 0
+
+
+def solve(question: str, generate: Callable[[str], str], max_depth: int = 64,
+          max_calls: int = 10_000) -> Trace:
+    """Solve ``question`` one generation at a time, recursing on each call (the reference recursion).
+
+    ``generate(context) -> completion`` is a task's oracle (then the trace's steps are exactly the
+    problem's Re-Tuning training records) or a model. Raises ProtocolError on a broken limit.
+    """
+    trace = Trace()
+
+    def run(sub_question: str, depth: int) -> str:
+        if depth > max_depth:
+            raise ProtocolError("max_depth", f"recursion deeper than {max_depth}")
+        context = pose(sub_question)
+        while True:
+            completion = generate(context)
+            trace.steps.append((context, completion))
+            called = find_call(completion)
+            if called is None:
+                return read_answer(completion)
+            trace.calls += 1
+            if trace.calls > max_calls:
+                raise ProtocolError("max_calls", f"more than {max_calls} calls")
+            context = append_return(context, completion, run(called, depth + 1))
+
+    trace.answer = run(question, 0)
+    return trace
