@@ -65,6 +65,16 @@ class Task:
         except ValueError:
             return False
 
-    def sample_paper(self, method: str, rng: random.Random) -> Iterator[Record]:
-        """Paper-scale training records (SPEC sampling and re-weighting) for ``method``."""
+    # --- datasets: data_generation/ drives these for every task alike ---------------------
+    presets: tuple[str, ...] = ("paper", "small")
+
+    def training_problems(self, method: str, preset: str, rng: random.Random,
+                          lengths: list[int] | None = None) -> Iterator[Any]:
+        """The preset's training problems in order, per-problem repeats and operand swaps applied
+        (SPEC sampling). ``lengths`` overrides the preset's problem lengths where that makes sense."""
         raise NotImplementedError
+
+    def retuning_copies(self, record_input: str, preset: str, rng: random.Random) -> int:
+        """Copies kept of one distinct Re-Tuning record after de-duplication (0 drops it): the
+        SPEC's per-record re-weighting. Called once per distinct input, in first-seen order."""
+        return 1
