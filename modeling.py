@@ -1,0 +1,222 @@
+"""Models and tokenizers: one code path for every model the trainer and the evaluator use.
+
+* ``build_char_tokenizer()`` makes the tiny model's tokenizer: one token per character, so every
+  digit is a single token (as in LLaMA's tokenizer), EOS ``</s>`` doubling as padding, no BOS.
+  ``"07 + 58\\nAnswer: "`` -> 16 ids, one per character.
+* ``load_model_and_tokenizer(model_cfg, lora_cfg)`` builds or loads a causal LM from the
+  ``model:`` block of the Hydra config (``config/model/*.yaml``) and wraps it in a PEFT LoRA
+  adapter when ``lora.enabled``. A hub or local name goes through ``AutoModelForCausalLM``; the
+  tiny model (``from_scratch: true``) is a ``LlamaForCausalLM`` built from the YAML's
+  ``llama_config`` with a seed.
+* ``load_checkpoint(dir)`` loads what the trainer saved (a full model or a LoRA adapter) for
+  evaluation.
+
+A LoRA checkpoint's ``adapter_config.json`` names its base model in ``base_model_name_or_path``.
+For a hub model that is the hub name (or the local path the config gave). For a from-scratch base
+the trainer saves the base once in ``<run_dir>/base_model/`` and writes the path *relative to the
+checkpoint directory*, ``"../base_model"``, so a run directory stays valid wherever it is moved;
+``load_checkpoint`` resolves such a path against the checkpoint directory first.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+# Every printable ASCII character plus newline: all the characters the task formats use.
+CHAR_ALPHABET = "\n" + "".join(chr(code) for code in range(32, 127))
+FROM_SCRATCH_BASE_DIR = "base_model"  # beside the checkpoints, in the run directory
+# What a LoRA adapter of a from-scratch base records as its base: relative to the checkpoint dir.
+FROM_SCRATCH_BASE_PATH = os.path.join(os.pardir, FROM_SCRATCH_BASE_DIR)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: ids 0/1 are ``</s>`` (EOS and pad) and ``<unk>``, then one id
+    per character of ``CHAR_ALPHABET``. No BOS is ever added; decoding concatenates characters.
+
+    ``tok("9 + 9\\nSolution: ").input_ids`` has 16 ids; ``tok.decode(ids) == "9 + 9\\nSolution: "``.
+    """
+    vocab = {EOS_TOKEN: 0, UNK_TOKEN: 1}
+    for char in CHAR_ALPHABET:
+        vocab[char] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    # Each single character, newline included, is its own pre-token, so WordLevel sees one char.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN,
+                                        pad_token=EOS_TOKEN, unk_token=UNK_TOKEN,
+                                        padding_side="right", clean_up_tokenization_spaces=False)
+    return tokenizer
+
+
+def _plain(cfg: Any) -> Any:
+    """An OmegaConf node (or anything) as plain Python containers."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    return cfg
+
+
+def _prepare_tokenizer(tokenizer):
+    """The paper's conventions: pad = EOS, right padding, nothing added around a text."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token; the trainer appends EOS to every output")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_tiny_model(llama_config: Mapping[str, Any], tokenizer, seed: int,
+                     dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A freshly initialised Llama from YAML fields; same seed, same weights."""
+    fields = dict(llama_config)
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=None)
+    config = LlamaConfig(**fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def load_model_and_tokenizer(model_cfg: Mapping[str, Any], lora_cfg: Mapping[str, Any] | None = None,
+                             seed: int = 0, dtype: str | torch.dtype | None = None,
+                             base_save_dir: str | None = None):
+    """The model and tokenizer named by a ``model:`` config block, LoRA-wrapped when asked.
+
+    ``model_cfg`` keys: ``name_or_path`` (hub name or local directory), ``from_scratch`` with
+    ``llama_config`` (the tiny model), ``tokenizer`` (``"char"`` for the project's tokenizer,
+    else a name; default ``name_or_path``), ``dtype``, ``config_overrides`` (extra
+    ``from_pretrained`` kwargs, e.g. dropout 0), ``lora_target_modules`` (a list of module
+    names, or ``"all-linear"``). ``lora_cfg`` keys: ``enabled``, ``lora_r``, ``lora_alpha``,
+    ``lora_dropout``. ``base_save_dir``: where a from-scratch base is saved, before the adapter is
+    added, when LoRA is on (the trainer passes ``<run_dir>/base_model``).
+    """
+    model_cfg = dict(_plain(model_cfg))
+    lora_cfg = dict(_plain(lora_cfg) or {})
+    dtype = dtype or model_cfg.get("dtype") or "float32"
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+    tokenizer_name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
+    if tokenizer_name == "char":
+        tokenizer = build_char_tokenizer()
+    elif tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    else:
+        raise ValueError("model config needs `tokenizer` or `name_or_path`")
+    tokenizer = _prepare_tokenizer(tokenizer)
+
+    if model_cfg.get("from_scratch"):
+        model = build_tiny_model(model_cfg.get("llama_config") or {}, tokenizer, seed, torch_dtype)
+    else:
+        if not model_cfg.get("name_or_path"):
+            raise ValueError("model config needs `name_or_path` unless `from_scratch: true`")
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg["name_or_path"], dtype=torch_dtype,
+            **(model_cfg.get("config_overrides") or {}))
+    model.config.use_cache = False  # no KV cache while training
+
+    if lora_cfg.get("enabled"):
+        if model_cfg.get("from_scratch") and base_save_dir:
+            save_pretrained_atomic(model, tokenizer, base_save_dir)
+        model = add_lora(model, lora_cfg, model_cfg.get("lora_target_modules") or "all-linear",
+                         base_name_or_path=(FROM_SCRATCH_BASE_PATH if model_cfg.get("from_scratch")
+                                            else model_cfg["name_or_path"]))
+    return model, tokenizer
+
+
+
+def add_lora(model, lora_cfg: Mapping[str, Any], target_modules, base_name_or_path: str):
+    """Wrap ``model`` in a PEFT LoRA adapter (bias none, as the paper)."""
+    from peft import LoraConfig, get_peft_model
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    config = LoraConfig(r=int(lora_cfg.get("lora_r", 64)), lora_alpha=float(lora_cfg.get("lora_alpha", 64)),
+                        lora_dropout=float(lora_cfg.get("lora_dropout", 0.05)), bias="none",
+                        target_modules=target_modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.peft_config["default"].base_model_name_or_path = base_name_or_path
+    return model
+
+
+def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
+    """``save_pretrained`` of model and tokenizer into ``directory``, written beside it first and
+    renamed into place, so a reader never sees half a checkpoint."""
+    directory = os.path.normpath(directory)
+    staging = directory + ".tmp"
+    if os.path.isdir(staging):
+        import shutil
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    replace_directory(staging, directory)
+
+
+def replace_directory(source: str, target: str) -> None:
+    """Move ``source`` to ``target``, replacing an older ``target`` (renamed away first)."""
+    import shutil
+    if os.path.isdir(target):
+        old = target + ".old"
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)
+
+
+def is_lora_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def resolve_base_model(checkpoint_dir: str) -> str:
+    """Where a LoRA checkpoint's base model is: a path relative to the checkpoint directory (the
+    tiny base, ``"../base_model"``), else the name as written (a hub name or a local path)."""
+    with open(os.path.join(checkpoint_dir, "adapter_config.json")) as handle:
+        base = json.load(handle)["base_model_name_or_path"]
+    beside = os.path.normpath(os.path.join(checkpoint_dir, base))
+    if not os.path.isabs(base) and os.path.isdir(beside):
+        return beside
+    return base
+
+
+def load_checkpoint(checkpoint_dir: str, dtype: str | torch.dtype = "float32", merge_lora: bool = False):
+    """A trained checkpoint (``runs/<exp>/final`` or ``step-<n>``) and its tokenizer, in eval mode.
+
+    Full models load with ``AutoModelForCausalLM``; LoRA checkpoints load their base (see
+    ``resolve_base_model``) then ``PeftModel.from_pretrained``; ``merge_lora`` folds the adapter in.
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(checkpoint_dir))
+    if is_lora_checkpoint(checkpoint_dir):
+        from peft import PeftModel
+        base = AutoModelForCausalLM.from_pretrained(resolve_base_model(checkpoint_dir), dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base, checkpoint_dir)
+        if merge_lora:
+            model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch_dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
