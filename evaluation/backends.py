@@ -1,0 +1,347 @@
+"""Backends: what the evaluation engine asks a model for, and the models that answer.
+
+The engine only ever calls ``backend.generate(requests)``: a list of contexts in, one completion
+per context out. A request may name the cached context it extends (``parent``) and a key under
+which to keep its own cache (``key``), so a backend that can reuse a KV cache only encodes the
+appended text of a continuation::
+
+    parent context  "73199 + 21439\\nSolution: "   + its completion "Call: 3199 + 1439\\n"
+    continuation    parent + completion + "Return: Carry 0, Output 4638\\nAnswer: "
+                    (only the last 31 characters are new)
+
+Backends here:
+
+* ``OracleBackend``: the task module answers every context (a perfect model; tests).
+* ``CallableBackend``: any ``context -> text`` function (garbage and runaway models in tests).
+* ``HFBackend``: a Hugging Face causal LM, batched, left padding, greedy or sampled, with
+  per-context KV-cache reuse.
+* ``HFSequentialBackend``: ``model.generate`` on one context at a time with no reuse (the
+  original code's way; the reference the batched backend is checked and benchmarked against).
+
+A vLLM backend would implement ``generate`` the same way (its prefix cache does the reuse).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+
+@dataclass
+class Request:
+    """One context to complete. ``key``: keep this context's cache under that key (the engine
+    will continue it); ``parent``: the key of a cached context this one extends."""
+
+    context: str
+    max_new_tokens: int = 256
+    key: Hashable | None = None
+    parent: Hashable | None = None
+
+
+@dataclass
+class Completion:
+    """What the model wrote after a context, EOS not included.
+
+    ``hit_eos`` is False when generation stopped at ``max_new_tokens``; ``error`` names a reason
+    the backend could not generate at all (``"context_too_long"``). ``prompt_tokens`` is the
+    context's length in tokens, ``prompt_tokens_computed`` how many of them were encoded for
+    this generation (the rest came from a parent's cache)."""
+
+    text: str
+    n_generated: int
+    hit_eos: bool
+    prompt_tokens: int
+    prompt_tokens_computed: int
+    error: str | None = None
+
+
+class Backend:
+    """The interface the engine drives. ``count_tokens`` sizes generation budgets; ``release``
+    drops caches the engine will not continue (a no-op for backends without a cache)."""
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(text)
+
+    def release(self, keys) -> None:
+        pass
+
+
+class CallableBackend(Backend):
+    """Completes each context with ``complete(context)``, which returns the text, or a pair
+    ``(text, hit_eos)``. Text beyond ``max_new_tokens`` characters is cut and counts as no EOS."""
+
+    def __init__(self, complete: Callable[[str], str | tuple[str, bool]]):
+        self.complete = complete
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        completions = []
+        for request in requests:
+            answer = self.complete(request.context)
+            text, hit_eos = answer if isinstance(answer, tuple) else (answer, True)
+            if len(text) > request.max_new_tokens:
+                text, hit_eos = text[:request.max_new_tokens], False
+            completions.append(Completion(text, len(text) + int(hit_eos), hit_eos,
+                                          len(request.context), len(request.context)))
+        return completions
+
+
+class OracleBackend(CallableBackend):
+    """A perfect model: the task module's oracle writes every completion."""
+
+    def __init__(self, task, method: str):
+        super().__init__(lambda context: task.oracle(context, method))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token: generation could never stop")
+    return ids
+
+
+def _decode_continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after ``prompt_ids``. Decoding them alone can lose a leading
+    space with sentencepiece tokenizers, so decode the whole and cut the prompt's text off."""
+    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True,
+                             clean_up_tokenization_spaces=False)
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if whole.startswith(prompt):
+        return whole[len(prompt):]
+    return tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class _CachedContext:
+    """A context's token ids and, per layer, its keys and values ``[heads, len(ids), dim]``."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class HFBackend(Backend):
+    """A Hugging Face causal LM generating many contexts at once.
+
+    Contexts are tokenized with no special tokens, sorted by length and cut into batches of
+    ``batch_size`` rows; each batch is left padded (explicit attention mask, positions counted
+    from each row's first real token) and decoded greedily (``temperature`` 0) or by sampling,
+    a row leaving the batch as soon as it writes EOS or reaches its ``max_new_tokens``.
+
+    With ``reuse_cache``, a finished row's keys and values are kept under its request's ``key``;
+    a later request naming it as ``parent`` reuses the longest common token prefix and encodes
+    only the rest. Rows of one batch may then have caches of different lengths: their past is
+    left padded too, so a row reads ``[pad | cached | pad | new]``, padding masked out.
+    ``cache_budget_tokens`` bounds the tokens held in kept caches (None: no bound); a context
+    that does not fit is recomputed when continued.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, temperature: float = 0.0,
+                 seed: int = 0, reuse_cache: bool = True, cache_budget_tokens: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.temperature = temperature
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_tensor = torch.tensor(sorted(self.eos_ids), device=self.device)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.reuse_cache = reuse_cache
+        self.cache_budget_tokens = cache_budget_tokens
+        self._cache: dict[Hashable, _CachedContext] = {}
+        self._cached_tokens = 0
+
+    # --- interface ------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def release(self, keys) -> None:
+        for key in keys:
+            entry = self._cache.pop(key, None)
+            if entry is not None:
+                self._cached_tokens -= len(entry.ids)
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        if not requests:
+            return []
+        all_ids = self.tokenizer([r.context for r in requests], add_special_tokens=False)["input_ids"]
+        results: list[Completion | None] = [None] * len(requests)
+        rows = []  # (request index, prompt ids, reused prefix entry, reused length, budget)
+        for index, (request, ids) in enumerate(zip(requests, all_ids)):
+            parent = self._cache.pop(request.parent, None) if request.parent is not None else None
+            if parent is not None:
+                self._cached_tokens -= len(parent.ids)
+            budget = request.max_new_tokens
+            if self.max_positions is not None:
+                budget = min(budget, self.max_positions - len(ids))
+            if budget <= 0 or not ids:
+                error = "context_too_long" if ids else "empty_context"
+                results[index] = Completion("", 0, False, len(ids), 0, error=error)
+                continue
+            # At least one token must be encoded to get the next token's logits.
+            reused = min(_common_prefix(parent.ids, ids), len(ids) - 1) if parent else 0
+            rows.append((index, ids, parent if reused else None, reused, budget))
+
+        # Rows that encode about as many new tokens, and have about as long a past, share a batch.
+        rows.sort(key=lambda row: (len(row[1]) - row[3], row[3]))
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            for (index, *_), completion in zip(batch, self._generate_batch(batch, requests)):
+                results[index] = completion
+        return results
+
+    # --- one batch ------------------------------------------------------------------------
+    def _generate_batch(self, batch, requests) -> list[Completion]:
+        device, size = self.device, len(batch)
+        past_len = max(row[3] for row in batch)
+        new_len = max(len(row[1]) - row[3] for row in batch)
+
+        input_ids = torch.full((size, new_len), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((size, past_len + new_len), dtype=torch.long, device=device)
+        positions = torch.zeros((size, new_len), dtype=torch.long, device=device)
+        for b, (_, ids, _, reused, _) in enumerate(batch):
+            new = ids[reused:]
+            input_ids[b, new_len - len(new):] = torch.tensor(new, device=device)
+            mask[b, past_len - reused:past_len] = 1
+            mask[b, past_len + new_len - len(new):] = 1
+            positions[b, new_len - len(new):] = torch.arange(reused, len(ids), device=device)
+        cache = self._stack_past(batch, past_len)
+
+        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        logits = output.logits[:, -1, :]
+        last_position = positions[:, -1]
+
+        alive = list(range(size))  # batch rows still generating, in the order of the tensors
+        generated: list[list[int]] = [[] for _ in range(size)]
+        completions: list[Completion | None] = [None] * size
+        while True:
+            next_tokens = self._pick(logits)
+            is_eos = torch.isin(next_tokens, self.eos_tensor).tolist()
+            next_list = next_tokens.tolist()
+            keep = []
+            for slot, b in enumerate(alive):
+                index, ids, _, reused, budget = batch[b]
+                if is_eos[slot]:
+                    hit_eos, done = True, True
+                else:
+                    generated[b].append(next_list[slot])
+                    hit_eos, done = False, len(generated[b]) >= budget
+                if not done:
+                    keep.append(slot)
+                    continue
+                request = requests[index]
+                if request.key is not None and self.reuse_cache:
+                    # The cache covers the prompt and every generated token but the last one
+                    # (the last was sampled, never fed): exactly the text a continuation extends.
+                    fed = generated[b] if hit_eos else generated[b][:-1]
+                    self._keep(request.key, ids + fed, cache, mask, slot)
+                completions[b] = Completion(
+                    text=_decode_continuation(self.tokenizer, ids, generated[b]),
+                    n_generated=len(generated[b]) + int(hit_eos), hit_eos=hit_eos,
+                    prompt_tokens=len(ids), prompt_tokens_computed=len(ids) - reused)
+            if not keep:
+                return completions
+            if len(keep) < len(alive):
+                selected = torch.tensor(keep, device=device)
+                cache.batch_select_indices(selected)
+                mask, last_position = mask[selected], last_position[selected]
+                next_tokens = next_tokens[selected]
+                alive = [alive[slot] for slot in keep]
+            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], 1)
+            last_position = last_position + 1
+            output = self.model(input_ids=next_tokens[:, None], attention_mask=mask,
+                                position_ids=last_position[:, None], past_key_values=cache,
+                                use_cache=True)
+            cache, logits = output.past_key_values, output.logits[:, -1, :]
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    # --- cache bookkeeping ----------------------------------------------------------------
+    def _stack_past(self, batch, past_len: int):
+        """A batch's past: each reused prefix right-aligned in ``past_len`` columns, zeros before."""
+        if past_len == 0:
+            return None
+        from transformers import DynamicCache
+        first = next(row[2] for row in batch if row[2] is not None)
+        layers = []
+        for layer, (key0, value0) in enumerate(first.layers):
+            heads, _, dim = key0.shape
+            keys = key0.new_zeros((len(batch), heads, past_len, dim))
+            values = value0.new_zeros((len(batch), heads, past_len, value0.shape[-1]))
+            for b, (_, _, entry, reused, _) in enumerate(batch):
+                if entry is not None:
+                    keys[b, :, past_len - reused:] = entry.layers[layer][0][:, :reused]
+                    values[b, :, past_len - reused:] = entry.layers[layer][1][:, :reused]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers)
+
+    def _keep(self, key, ids: list[int], cache, mask: torch.Tensor, slot: int) -> None:
+        if self.cache_budget_tokens is not None and \
+                self._cached_tokens + len(ids) > self.cache_budget_tokens:
+            return
+        real = mask[slot].bool()
+        layers = [(layer.keys[slot][:, real].clone(), layer.values[slot][:, real].clone())
+                  for layer in cache.layers]
+        if layers[0][0].shape[1] != len(ids):  # a cache layout this backend does not know
+            return
+        self.release([key])
+        self._cache[key] = _CachedContext(ids, layers)
+        self._cached_tokens += len(ids)
+
+
+class HFSequentialBackend(Backend):
+    """``model.generate`` on one context at a time, re-encoding every prompt from scratch: how
+    the original code evaluated. Greedy unless ``temperature`` > 0."""
+
+    def __init__(self, model, tokenizer, temperature: float = 0.0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.eos_ids = sorted(_eos_ids(model, tokenizer))
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.device = next(model.parameters()).device
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        completions = []
+        for request in requests:
+            ids = self.tokenizer(request.context, add_special_tokens=False)["input_ids"]
+            input_ids = torch.tensor([ids], device=self.device)
+            sampling = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) \
+                if self.temperature > 0 else dict(do_sample=False)
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=request.max_new_tokens, eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id, use_cache=True, **sampling)[0, len(ids):].tolist()
+            hit_eos = bool(output) and output[-1] in self.eos_ids
+            new_ids = output[:-1] if hit_eos else output
+            completions.append(Completion(_decode_continuation(self.tokenizer, ids, new_ids),
+                                          len(output), hit_eos, len(ids), len(ids)))
+        return completions
