@@ -1,0 +1,96 @@
+"""Accuracy against problem length, for one evaluation or several overlaid (the paper's figure).
+
+    python evaluation/plot.py results/add_baseline results/add_scratchpad results/add_rt -o addition.png
+
+Each argument is a results directory (holding ``results.json``) or a results.json file. Lines are
+labelled by method (``--labels`` overrides); the lengths each model was trained on are shaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHOD_NAMES = {"baseline": "Baseline", "scratchpad": "Scratchpad", "retuning": "Re-Tuning"}
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """A results dict from a results directory or a results.json file."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise SystemExit(f"error: {path}: no results.json there")
+    try:
+        with open(file) as handle:
+            results = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {file}: not valid JSON ({error})")
+    if not isinstance(results, dict) or "lengths" not in results:
+        raise SystemExit(f"error: {file}: not a results.json (no 'lengths' field)")
+    return results
+
+
+def _trained_span(results: dict) -> tuple[int, int] | None:
+    lengths = results.get("settings", {}).get("train_lengths")
+    return (min(lengths), max(lengths)) if lengths else None
+
+
+def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: list[str] | None = None,
+                  title: str | None = None) -> None:
+    """Accuracy (%) against problem length, one line per results dict, written to ``out_path``
+    (atomically); the trained length range of each run is shaded."""
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    shaded = set()
+    for index, results in enumerate(all_results):
+        span = _trained_span(results)
+        if span and span not in shaded:
+            axes.axvspan(span[0] - 0.5, span[1] + 0.5, color="0.85", zorder=0,
+                         label="trained lengths" if not shaded else None)
+            shaded.add(span)
+    for index, results in enumerate(all_results):
+        lengths = sorted(results["lengths"], key=int)
+        label = labels[index] if labels else METHOD_NAMES.get(results.get("method"), results.get("method"))
+        axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
+                  marker="o", markersize=3, label=label)
+    first = all_results[0]
+    axes.set_xlabel(first.get("settings", {}).get("length_label") or "problem length")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(-3, 103)
+    axes.set_title(title or f"{first.get('task', '')}: accuracy by problem length")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_path.with_name(out_path.name + ".tmp")
+    figure.savefig(temporary, dpi=120, format=out_path.suffix.lstrip(".") or "png")
+    plt.close(figure)
+    os.replace(temporary, out_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results directories or results.json files")
+    parser.add_argument("-o", "--out", required=True, help="the image to write, e.g. addition.png")
+    parser.add_argument("--labels", nargs="+", help="one legend label per results (default: method)")
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.results):
+        parser.error(f"--labels has {len(args.labels)} labels for {len(args.results)} results")
+    all_results = [load_results(path) for path in args.results]
+    tasks = {results.get("task") for results in all_results}
+    if len(tasks) > 1:
+        print(f"warning: overlaying different tasks: {', '.join(sorted(map(str, tasks)))}", file=sys.stderr)
+    plot_accuracy(all_results, args.out, args.labels, args.title)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
