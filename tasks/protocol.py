@@ -69,6 +69,15 @@ def append_return(context: str, completion: str, returned: str) -> str:
     return context + completion + RETURN_TAG + returned + ANSWER_CUE
 
 
+def returned_answers(context: str) -> list[str]:
+    """The answers pasted back into a context so far, in order (what an oracle step reads)::
+
+        returned_answers("3 + 4\\nSolution: Call: ...\\nReturn: Carry 0, Output 7\\nAnswer: ")
+        == ["Carry 0, Output 7"]
+    """
+    return [part.split(ANSWER_CUE, 1)[0] for part in context.split(RETURN_TAG)[1:]]
+
+
 def read_answer(completion: str) -> str:
     """What a finished context hands back: the text after its last ``Answer: ``, else all of it.
 
