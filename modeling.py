@@ -220,3 +220,21 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def load_for_resume(checkpoint_dir: str, model_cfg: Mapping[str, Any], dtype: str | torch.dtype | None = None):
+    """A checkpoint as a *trainable* model (LoRA adapters stay trainable) and its tokenizer."""
+    model_cfg = dict(_plain(model_cfg))
+    dtype = dtype or model_cfg.get("dtype") or "float32"
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(checkpoint_dir))
+    if is_lora_checkpoint(checkpoint_dir):
+        from peft import PeftModel
+        base = AutoModelForCausalLM.from_pretrained(resolve_base_model(checkpoint_dir), dtype=torch_dtype,
+                                                    **(model_cfg.get("config_overrides") or {}))
+        base.config.use_cache = False
+        model = PeftModel.from_pretrained(base, checkpoint_dir, is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch_dtype)
+        model.config.use_cache = False
+    return model, tokenizer

@@ -1,0 +1,122 @@
+"""Reading, validating, tokenizing and batching training records (preference_datasets.py)."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from modeling import build_char_tokenizer
+from preference_datasets import (IGNORE_INDEX, DatasetError, batch_plan, collate, dataset_meta,
+                                 load_splits, microbatches, padding_share, read_records, sibling_path,
+                                 steps_per_epoch, tokenize_records)
+from tests.test_train_fixtures import addition_records, write_dataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def test_labels_of_a_literal_example_mask_the_prompt_and_keep_eos(tokenizer):
+    data = tokenize_records([("07 + 58\nAnswer: ", "65"), ("1 + 2\nAnswer: ", "3")], tokenizer, 2048, 256)
+    batch = collate(data, [0, 1], tokenizer.pad_token_id)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert batch["input_ids"][0].tolist() == ids("07 + 58\nAnswer: 65") + [eos]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 16 + ids("65") + [eos]
+    # The shorter record is right-padded with EOS ids that are *not* in the loss.
+    assert batch["input_ids"][1].tolist() == ids("1 + 2\nAnswer: 3") + [eos] + [eos] * 3
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX] * 14 + ids("3") + [eos] + [IGNORE_INDEX] * 3
+    assert data.label_counts().tolist() == [3, 2]
+    assert data.n_truncated == 0
+
+
+def test_long_records_are_truncated_and_counted(tokenizer):
+    data = tokenize_records([("abcdefgh", "123456"), ("ab", "1")], tokenizer, max_length=8, max_prompt_length=4)
+    first = data.tokens[data.starts[0]:data.starts[0] + data.lengths[0]].tolist()
+    assert tokenizer.decode(first[:4]) == "efgh"  # the prompt keeps its end, next to the output
+    assert data.lengths.tolist() == [8, 4] and data.prompt_lengths.tolist() == [4, 2]
+    assert data.n_truncated == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json at all", "not JSON"),
+    ("[]", "no records"),
+    ('{"input": "a", "output": "b"}', "expected a JSON list"),
+    ('[{"input": "a", "output": "b"}, {"input": "a"}]', "record 1 has no 'output' key"),
+    ('[{"input": "a", "output": "b"}, {"input": 3, "output": "b"}]', "record 1 'input' is int, not a string"),
+    ('[{"input": "a", "output": "b"}, ["a", "b"]]', "record 1 is list, not an object"),
+])
+def test_malformed_files_name_the_file_and_record(tmp_path, content, message):
+    path = tmp_path / "bad_train.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError) as error:
+        read_records(str(path))
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_jsonl_is_read_and_a_bad_line_is_named(tmp_path):
+    path = tmp_path / "x_train.jsonl"
+    path.write_text('{"input": "a", "output": "b"}\n\n{"input": "c", "output": "d"}\n')
+    assert read_records(str(path)) == [("a", "b"), ("c", "d")]
+    path.write_text('{"input": "a", "output": "b"}\n{"input": \n')
+    with pytest.raises(DatasetError, match="line 2 is not JSON"):
+        read_records(str(path))
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_records(str(tmp_path / "missing.json"))
+
+
+def test_sibling_files_and_metadata(tmp_path):
+    assert sibling_path("data/addition_retuning_small_train.json", "test") == "data/addition_retuning_small_test.json"
+    assert sibling_path("data/addition_retuning_small_train.jsonl", "meta") == "data/addition_retuning_small_meta.json"
+    meta = {"task": "addition", "method": "retuning", "train_lengths": [1, 2, 3]}
+    with_meta = write_dataset(tmp_path, "a", [{"input": "x", "output": "y"}], meta=meta)
+    without = write_dataset(tmp_path, "b", [{"input": "x", "output": "y"}])
+    assert dataset_meta([with_meta, without]) == [{"path": with_meta, **meta}, {"path": without}]
+
+
+def test_held_out_records_come_from_the_test_file_else_a_seeded_slice(tmp_path):
+    records = addition_records(random.Random(0), [2, 3], 20)  # 3 + 5 records per problem
+    test = addition_records(random.Random(1), [3], 2)
+    with_test = write_dataset(tmp_path, "t", records, test=test)
+    train, held_out = load_splits([with_test], n_eval_examples=100, seed=0)
+    assert len(train) == len(records) and held_out == [(r["input"], r["output"]) for r in test]
+
+    no_test = write_dataset(tmp_path, "n", records)
+    train, held_out = load_splits([no_test], n_eval_examples=30, seed=0)
+    assert len(held_out) == 30 and len(train) == len(records) - 30
+    assert sorted(train + held_out) == sorted((r["input"], r["output"]) for r in records)
+    assert load_splits([no_test], 30, seed=0) == (train, held_out)
+    assert load_splits([no_test], 30, seed=1)[1] != held_out
+
+    # Two datasets are mixed; the held-out set is cut to n_eval_examples.
+    train, held_out = load_splits([with_test, no_test], n_eval_examples=5, seed=0)
+    assert len(train) == 2 * len(records) - 5 and len(held_out) == 5
+
+
+def test_batch_plan_is_a_seeded_partition_grouped_by_length():
+    lengths = np.random.default_rng(0).integers(5, 200, size=1000)
+    batch_size = 16
+    plan = batch_plan(lengths, batch_size, seed=3, epoch=0, window=32)
+    assert len(plan) == steps_per_epoch(1000, batch_size) == 62
+    flat = np.concatenate(plan)
+    assert len(set(flat.tolist())) == len(flat) == 62 * 16  # no record twice in an epoch
+    assert all(np.array_equal(a, b) for a, b in zip(plan, batch_plan(lengths, batch_size, 3, 0, window=32)))
+    assert not np.array_equal(np.concatenate(batch_plan(lengths, batch_size, 3, 1, window=32)), flat)
+    random_plan = batch_plan(lengths, batch_size, seed=3, epoch=0, group_by_length=False)
+
+    class Data:  # padding_share only needs the lengths
+        pass
+    data = Data()
+    data.lengths = lengths
+    grouped_share, random_share = padding_share(data, plan), padding_share(data, random_plan)
+    assert grouped_share < 0.05 and random_share > 0.3
+
+
+def test_microbatches_split_a_global_batch_exactly():
+    batch = np.arange(24)
+    parts = [microbatches(batch, rank, 2, 3) for rank in range(2)]
+    assert all(len(p) == 3 and all(len(m) == 4 for m in p) for p in parts)
+    assert sorted(np.concatenate([m for p in parts for m in p]).tolist()) == list(range(24))
+    assert parts[0][0].tolist() == [0, 1, 2, 3] and parts[1][0].tolist() == [4, 5, 6, 7]

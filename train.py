@@ -1,0 +1,96 @@
+"""Fine-tune a causal LM on {"input", "output"} records, loss on the output only (SPEC.md 5).
+
+    python train.py model=tiny datasets=[data/addition_retuning_small_train.json] exp_name=demo
+    python train.py model=llama7b datasets=[data/addition_retuning_paper_train.json] exp_name=add_rt
+    torchrun --nproc_per_node=2 train.py model=tiny datasets=[...] exp_name=ddp
+    python train.py model=tiny datasets=[...] resume=runs/demo      # continue from the last checkpoint
+
+Writes ``runs/<exp_name>/``: config.yaml (resolved), data_meta.json (what each dataset is, for
+evaluation), metrics.jsonl, step-<n>/ checkpoints and final/. Hydra stays in the working
+directory and writes nothing of its own, so dataset paths are relative to where you run this.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from modeling import FROM_SCRATCH_BASE_DIR, count_parameters, load_for_resume, load_model_and_tokenizer
+from preference_datasets import DatasetError, dataset_meta, load_splits, tokenize_records
+from trainers import Trainer, latest_checkpoint
+from utils import MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The config ``train.py`` would get from these command-line overrides (for tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def run(cfg: DictConfig) -> str:
+    """Train as ``cfg`` says; returns the run directory."""
+    processes = init_processes(cfg.device)
+    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes.local_world_size))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    torch.manual_seed(cfg.seed + processes.rank)  # dropout differs across processes, same each run
+    run_dir = cfg.resume or cfg.run_dir
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and processes.is_main:
+        print(f"resuming from {checkpoint[0]}" if checkpoint else f"{run_dir}: no checkpoint yet, starting over")
+    if processes.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+
+    # Data first: a bad file stops the run before a model is loaded.
+    train_records, eval_records = load_splits(list(cfg.datasets), cfg.n_eval_examples, cfg.seed)
+    meta = dataset_meta(list(cfg.datasets))
+
+    if checkpoint:
+        model, tokenizer = load_for_resume(checkpoint[0], cfg.model)
+    else:
+        base_dir = os.path.join(run_dir, FROM_SCRATCH_BASE_DIR) if processes.is_main else None
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, seed=cfg.seed, base_save_dir=base_dir)
+    train_data = tokenize_records(train_records, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    eval_data = tokenize_records(eval_records, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if processes.is_main:
+        trainable, total = count_parameters(model)
+        truncated = train_data.n_truncated + eval_data.n_truncated
+        print(f"{len(train_data)} training / {len(eval_data)} held-out records, "
+              f"{int(train_data.lengths.sum())} training tokens; model {cfg.model.name}: "
+              f"{trainable:,} trainable of {total:,} parameters; {processes.world_size} process(es) on "
+              f"{processes.device}" + (f"; WARNING {truncated} records truncated" if truncated else ""))
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(os.path.join(run_dir, "data_meta.json"), meta)
+    barrier(processes)
+
+    logger = MetricsLogger(run_dir, processes.is_main, cfg.tensorboard, cfg.wandb,
+                           OmegaConf.to_container(cfg, resolve=True),
+                           resume_step=checkpoint[1]["step"] if checkpoint else (-1 if cfg.resume else None))
+    trainer = Trainer(cfg, model, tokenizer, train_data, eval_data, run_dir, processes, logger)
+    if checkpoint:
+        trainer.restore(*checkpoint)
+    try:
+        trainer.train()
+    finally:
+        logger.close()
+    return run_dir
+
+
+@hydra.main(version_base=None, config_path="config", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except DatasetError as error:  # a bad data file: one line naming file and record
+        sys.exit(f"error: {error}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The training loop: masked-loss SFT with exact gradient accumulation, held-out loss, checkpoints.
+
+One global batch of ``batch_size`` records per optimizer step, split over processes and
+``gradient_accumulation_steps`` microbatches. The loss is the output tokens' negative
+log-likelihood (prompt and padding are -100), reduced either as the paper does (``sum``: per
+sequence, averaged over the global batch's sequences) or per token (``mean``: averaged over the
+global batch's output tokens). Each microbatch's sum is divided by the *global* batch's count,
+known before the step, so accumulation gives exactly the gradient of one big batch.
+
+A checkpoint ``<run_dir>/step-<n>/`` (and ``final/``) holds the model (or LoRA adapter) and the
+tokenizer in Hugging Face format, plus what resuming needs beside it: ``optimizer.pt`` (tensors,
+read back with ``weights_only=True``), ``rng_state_<rank>.pt`` and ``trainer_state.json`` (the
+step; the batch order is a function of seed and epoch, so the step is the data position).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from modeling import replace_directory
+from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, microbatches,
+                                 steps_per_epoch)
+from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
+                   autocast_context, barrier)
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+class Trainer:
+    def __init__(self, cfg, model, tokenizer, train_data: TokenizedRecords, eval_data: TokenizedRecords,
+                 run_dir: str, processes: Processes, logger: MetricsLogger):
+        self.cfg, self.tokenizer, self.run_dir, self.processes = cfg, tokenizer, run_dir, processes
+        self.train_data, self.eval_data, self.logger = train_data, eval_data, logger
+        world, accumulation = processes.world_size, cfg.gradient_accumulation_steps
+        if cfg.batch_size % (world * accumulation):
+            raise ValueError(f"batch_size={cfg.batch_size} must split evenly into gradient_accumulation_steps="
+                             f"{accumulation} x {world} processes")
+        self.steps_per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(train_data)} training records, fewer than batch_size={cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.n_epochs
+        if cfg.n_examples:
+            self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
+        self.raw_model = model.to(processes.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model = model
+        if processes.distributed:
+            device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.autocast = autocast_context(processes.device, cfg.mixed_precision)
+        self.pad_id = tokenizer.pad_token_id
+        self.label_counts = train_data.label_counts()
+        self.start_step, self._plan_epoch, self._plan = 0, None, None
+
+    # --- the loop ----------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, proc, step = self.cfg, self.processes, self.start_step
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", disable=not proc.is_main,
+                   dynamic_ncols=True)
+        if step == 0 and cfg.eval_at_start:
+            self.evaluate(step)
+        stats, t0 = torch.zeros(5, dtype=torch.float64), time.perf_counter()  # nll, seqs, labels, tokens, computed
+        while step < self.total_steps:
+            batch = self.batch_at(step)
+            lr = self.lr_at(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            scale = proc.world_size / self.loss_denominator(batch)
+            parts = microbatches(batch, proc.rank, proc.world_size, cfg.gradient_accumulation_steps)
+            for k, indices in enumerate(parts):
+                last = k == len(parts) - 1
+                no_sync = self.model.no_sync if proc.distributed and not last else contextlib.nullcontext
+                with no_sync():
+                    nll, inputs = self.nll(self.train_data, indices, self.position_offsets(len(indices), step, k))
+                    (nll * scale).backward()
+                stats += torch.tensor([nll.item(), len(indices), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(),
+                                       self.train_data.lengths[indices].sum(), inputs["labels"].numel()])
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            records = step * cfg.batch_size
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                self.log_train(step, stats, grad_norm, lr, time.perf_counter() - t0, bar)
+                stats, t0 = torch.zeros(5, dtype=torch.float64), time.perf_counter()
+            if self.crossed(records, cfg.eval_every) or step == self.total_steps:
+                self.evaluate(step)
+            if self.crossed(records, cfg.save_every) and step < self.total_steps:
+                self.save(f"step-{step}", step)
+        bar.close()
+        self.save("final", step)
+
+    # --- pieces of a step --------------------------------------------------------------------
+    def nll(self, data: TokenizedRecords, indices, position_offsets=None):
+        """Summed NLL of the output tokens of some records (and the padded inputs)."""
+        inputs = collate(data, indices, self.pad_id)
+        input_ids = inputs["input_ids"].to(self.processes.device, non_blocking=True)
+        labels = inputs["labels"].to(self.processes.device, non_blocking=True)
+        position_ids = None
+        if position_offsets is not None:
+            position_ids = torch.arange(input_ids.shape[1])[None, :] + position_offsets[:, None]
+            position_ids = position_ids.to(self.processes.device)
+        # Right padding under a causal mask never affects real tokens, so no attention mask needed.
+        with self.autocast():
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll, inputs
+
+    def loss_denominator(self, batch) -> float:
+        """Sequences (``sum``) or output tokens (``mean``) in the whole global batch."""
+        if self.cfg.loss_reduction == "sum":
+            return float(len(batch))
+        if self.cfg.loss_reduction == "mean":
+            return float(self.label_counts[batch].sum())
+        raise ValueError(f"loss_reduction must be 'sum' or 'mean', not {self.cfg.loss_reduction!r}")
+
+    def batch_at(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._plan_epoch != epoch:
+            self._plan = batch_plan(self.train_data.lengths, self.cfg.batch_size, self.cfg.seed, epoch,
+                                    self.cfg.group_by_length, self.cfg.length_group_window)
+            self._plan_epoch = epoch
+        return self._plan[index]
+
+    def position_offsets(self, n: int, step: int, micro: int):
+        """Random position shifts (Ruoss et al. 2023), a function of (seed, step, rank, microbatch)
+        so that resuming needs no extra state; None (positions from 0) when disabled."""
+        if self.cfg.position_offset_max <= 0:
+            return None
+        key = ((self.cfg.seed * 1_000_003 + step) * 4099 + self.processes.rank) * 257 + micro
+        generator = torch.Generator().manual_seed(key % (2 ** 63))
+        return torch.randint(0, self.cfg.position_offset_max + 1, (n,), generator=generator)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up (step s at (s+1)/(warmup+1) of lr: warmup_steps=1 halves only the first
+        step, as the paper), then constant or cosine down to ``min_lr_ratio * lr``."""
+        cfg = self.cfg
+        lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
+        if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+            progress = (step - cfg.warmup_steps) / max(1, self.total_steps - 1 - cfg.warmup_steps)
+            lr *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        elif cfg.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {cfg.lr_schedule!r}")
+        return lr
+
+    def crossed(self, records: int, every) -> bool:
+        """Did the last step pass a multiple of ``every`` records?"""
+        return bool(every) and records // every > (records - self.cfg.batch_size) // every
+
+    # --- evaluation and logging --------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        self.model.eval()
+        data, size = self.eval_data, self.cfg.eval_batch_size
+        order = np.argsort(data.lengths, kind="stable")  # little padding
+        batches = [order[i:i + size] for i in range(0, len(order), size)][self.processes.rank::self.processes.world_size]
+        sums = torch.zeros(3, dtype=torch.float64)
+        for indices in batches:
+            nll, inputs = self.nll(data, indices)
+            sums += torch.tensor([nll.item(), len(indices), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()])
+        self.model.train()
+        nll, seqs, tokens = all_reduce_sum(sums.to(self.processes.device), self.processes).tolist()
+        values = {"eval/loss_per_sequence": nll / max(seqs, 1), "eval/loss_per_token": nll / max(tokens, 1)}
+        values["eval/loss"] = values["eval/loss_per_sequence" if self.cfg.loss_reduction == "sum" else "eval/loss_per_token"]
+        values["records"] = step * self.cfg.batch_size
+        if self.processes.is_main:
+            tqdm.write(f"step {step}: eval loss {values['eval/loss']:.4f} "
+                       f"({values['eval/loss_per_token']:.4f} per token)")
+        self.logger.log(step, values)
+        return values
+
+    def log_train(self, step, stats, grad_norm, lr, seconds, bar) -> None:
+        nll, seqs, labels, tokens, computed = all_reduce_sum(stats.to(self.processes.device), self.processes).tolist()
+        values = {"records": step * self.cfg.batch_size, "epoch": step / self.steps_per_epoch,
+                  "train/loss": nll / max(seqs if self.cfg.loss_reduction == "sum" else labels, 1),
+                  "train/loss_per_token": nll / max(labels, 1), "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens / seconds, "records_per_s": seqs / seconds,
+                  "padding_share": 1 - tokens / max(computed, 1)}
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self.logger.log(step, values)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save(self, name: str, step: int) -> None:
+        """Write ``<run_dir>/<name>/`` through a staging folder renamed into place at the end."""
+        proc, target = self.processes, os.path.join(self.run_dir, name)
+        staging = target + ".tmp"
+        if proc.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        barrier(proc)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        atomic_torch_save(rng, os.path.join(staging, f"rng_state_{proc.rank}.pt"))
+        barrier(proc)
+        if proc.is_main:
+            self.raw_model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            atomic_torch_save({"optimizer": self.optimizer.state_dict()}, os.path.join(staging, "optimizer.pt"))
+            epoch, index = divmod(step, self.steps_per_epoch)
+            atomic_write_json(os.path.join(staging, "trainer_state.json"), {
+                "step": step, "records_seen": step * self.cfg.batch_size, "epoch": epoch,
+                "batch_in_epoch": index, "total_steps": self.total_steps, "batch_size": self.cfg.batch_size,
+                "world_size": proc.world_size, "seed": self.cfg.seed})
+            replace_directory(staging, target)
+            self.prune_checkpoints()
+            tqdm.write(f"step {step}: saved {target}")
+        barrier(proc)
+
+    def prune_checkpoints(self) -> None:
+        keep = self.cfg.keep_checkpoints
+        if not keep:
+            return
+        for step, path in sorted(list_checkpoints(self.run_dir))[:-keep]:
+            if os.path.basename(path) != "final":
+                shutil.rmtree(path)
+
+    def restore(self, checkpoint_dir: str, state: dict) -> None:
+        """Optimizer, RNG and data position from a checkpoint (the weights were loaded with the model)."""
+        if state["batch_size"] != self.cfg.batch_size:
+            raise ValueError(f"{checkpoint_dir}: trained with batch_size={state['batch_size']}, "
+                             f"cannot resume with batch_size={self.cfg.batch_size}")
+        saved = torch.load(os.path.join(checkpoint_dir, "optimizer.pt"), weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        rng_path = os.path.join(checkpoint_dir, f"rng_state_{self.processes.rank}.pt")
+        if os.path.isfile(rng_path):
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.start_step = int(state["step"])
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in a run directory, ``final`` included."""
+    found = []
+    if not os.path.isdir(run_dir):
+        return found
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        state_path = os.path.join(path, "trainer_state.json")
+        if (CHECKPOINT_PATTERN.match(name) or name == "final") and os.path.isfile(state_path):
+            with open(state_path) as handle:
+                found.append((int(json.load(handle)["step"]), path))
+    return found
+
+
+def latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """The newest complete checkpoint of a run and its trainer state, or None."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    step, path = max(checkpoints, key=lambda item: (item[0], os.path.basename(item[1]) == "final"))
+    with open(os.path.join(path, "trainer_state.json")) as handle:
+        return path, json.load(handle)
