@@ -9,6 +9,7 @@ output and EOS only, as in training::
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -64,3 +65,13 @@ def train_quick_model(task, method: str, lengths, seconds: float = 10.0, max_ste
     model.config.use_cache = True
     model.quick_training = {"steps": step, "final_loss": float(loss.detach()), "seconds": time.perf_counter() - start}
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def cached_quick_model(task_name: str, method: str, lengths: tuple[int, ...], steps: int, seed: int = 0):
+    """``train_quick_model`` for exactly ``steps`` steps (no time limit, so the same model on
+    every machine), trained once per process and shared by the tests that need it."""
+    from tasks import get_task
+    torch.set_num_threads(1)
+    return train_quick_model(get_task(task_name), method, lengths, seconds=float("inf"),
+                             max_steps=steps, seed=seed, batch_size=16, lr=1e-2)
