@@ -153,6 +153,15 @@ def add_lora(model, lora_cfg: Mapping[str, Any], target_modules, base_name_or_pa
     return model
 
 
+def save_model(model, directory: str) -> None:
+    """``save_pretrained``: safetensors + config for a full model, the adapter alone for LoRA.
+    (The embeddings are never resized here, so PEFT need not look the base model up to check.)"""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(directory, save_embedding_layers=False)
+    else:
+        model.save_pretrained(directory)
+
+
 def save_pretrained_atomic(model, tokenizer, directory: str) -> None:
     """``save_pretrained`` of model and tokenizer into ``directory``, written beside it first and
     renamed into place, so a reader never sees half a checkpoint."""

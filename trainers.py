@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling import replace_directory
+from modeling import replace_directory, save_model
 from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, microbatches,
                                  steps_per_epoch)
 from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
@@ -51,7 +51,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.n_epochs
         if cfg.n_examples:
             self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
-        self.raw_model = model.to(processes.device)
+        self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model = model
@@ -136,25 +136,12 @@ class Trainer:
         return self._plan[index]
 
     def position_offsets(self, n: int, step: int, micro: int):
-        """Random position shifts (Ruoss et al. 2023), a function of (seed, step, rank, microbatch)
-        so that resuming needs no extra state; None (positions from 0) when disabled."""
-        if self.cfg.position_offset_max <= 0:
-            return None
-        key = ((self.cfg.seed * 1_000_003 + step) * 4099 + self.processes.rank) * 257 + micro
-        generator = torch.Generator().manual_seed(key % (2 ** 63))
-        return torch.randint(0, self.cfg.position_offset_max + 1, (n,), generator=generator)
+        cfg = self.cfg
+        return position_offsets(n, cfg.position_offset_max, cfg.seed, step, self.processes.rank, micro)
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up (step s at (s+1)/(warmup+1) of lr: warmup_steps=1 halves only the first
-        step, as the paper), then constant or cosine down to ``min_lr_ratio * lr``."""
         cfg = self.cfg
-        lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
-        if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
-            progress = (step - cfg.warmup_steps) / max(1, self.total_steps - 1 - cfg.warmup_steps)
-            lr *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        elif cfg.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {cfg.lr_schedule!r}")
-        return lr
+        return learning_rate(step, cfg.lr, self.total_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
     def crossed(self, records: int, every) -> bool:
         """Did the last step pass a multiple of ``every`` records?"""
@@ -207,7 +194,7 @@ class Trainer:
         atomic_torch_save(rng, os.path.join(staging, f"rng_state_{proc.rank}.pt"))
         barrier(proc)
         if proc.is_main:
-            self.raw_model.save_pretrained(staging)
+            save_model(self.raw_model, staging)
             self.tokenizer.save_pretrained(staging)
             atomic_torch_save({"optimizer": self.optimizer.state_dict()}, os.path.join(staging, "optimizer.pt"))
             epoch, index = divmod(step, self.steps_per_epoch)
@@ -242,6 +229,31 @@ class Trainer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.start_step = int(state["step"])
+
+
+def learning_rate(step: int, lr: float, total_steps: int, warmup_steps: int, schedule: str = "constant",
+                  min_lr_ratio: float = 0.0) -> float:
+    """Linear warm-up, step s (from 0) at (s+1)/(warmup_steps+1) of ``lr`` (so warmup_steps=1 runs
+    only the first step at half the lr, as the paper), then constant, or cosine down to
+    ``min_lr_ratio * lr`` at the last step."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {schedule!r}")
+    rate = lr * min(1.0, (step + 1) / (warmup_steps + 1))
+    if schedule == "cosine" and step >= warmup_steps:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+        rate *= min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return rate
+
+
+def position_offsets(n: int, offset_max: int, seed: int, step: int, rank: int, micro: int):
+    """Random position shifts in [0, offset_max] for n sequences (Ruoss et al. 2023), a function of
+    (seed, step, rank, microbatch) so that resuming needs no extra state; None when disabled
+    (positions from 0, as at evaluation)."""
+    if offset_max <= 0:
+        return None
+    key = ((seed * 1_000_003 + step) * 4099 + rank) * 257 + micro
+    generator = torch.Generator().manual_seed(key % (2 ** 63))
+    return torch.randint(0, offset_max + 1, (n,), generator=generator)
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:

@@ -1,0 +1,177 @@
+"""End-to-end trainer behaviour on a very small Llama (CPU, a handful of steps per run)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import trainers
+from modeling import load_checkpoint
+from preference_datasets import DatasetError
+from tests.test_train_fixtures import addition_records, write_dataset
+from train import compose_config, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = ["model.llama_config.hidden_size=32", "model.llama_config.intermediate_size=64",
+               "model.llama_config.num_hidden_layers=2", "model.llama_config.num_attention_heads=2"]
+META = {"task": "addition", "method": "retuning", "preset": "test", "seed": 0, "train_lengths": [1, 2, 3]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return write_dataset(folder, "addition_retuning_test", addition_records(random.Random(0), [1, 2, 3], 12),
+                         test=addition_records(random.Random(1), [3], 4), meta=META)
+
+
+def config(tmp_path, dataset, *overrides, name="run"):
+    torch.set_num_threads(1)
+    return compose_config(SMALL_MODEL + [
+        f"datasets=[{dataset}]", f"run_dir={tmp_path / name}", "batch_size=8", "gradient_accumulation_steps=1",
+        "n_examples=64", "n_epochs=100", "eval_every=32", "log_every=2", "num_threads=1", "warmup_steps=2",
+        "eval_batch_size=8", *overrides])
+
+
+def weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def assert_same_weights(a, b, exact=False, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=key)
+
+
+def test_a_run_directory_holds_what_evaluation_and_resuming_need(tmp_path, dataset):
+    run_dir = run(config(tmp_path, dataset, "save_every=24"))
+    assert sorted(os.listdir(run_dir)) == ["config.yaml", "data_meta.json", "final", "metrics.jsonl",
+                                            "step-3", "step-6"]
+    assert json.loads(open(os.path.join(run_dir, "data_meta.json")).read()) == [{"path": dataset, **META}]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8] and [r["step"] for r in eval_rows] == [0, 4, 8]
+    for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "records_per_s", "padding_share", "records"):
+        assert key in train_rows[0]
+    assert 0 <= train_rows[0]["padding_share"] < 1
+    assert "lr: 0.001" in open(os.path.join(run_dir, "config.yaml")).read()  # tiny.yaml's own lr
+
+    final = os.path.join(run_dir, "final")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "rng_state_0.pt"):
+        assert os.path.isfile(os.path.join(final, name))
+    assert json.load(open(os.path.join(final, "trainer_state.json")))["step"] == 8
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert model.config.num_hidden_layers == 2 and tokenizer.decode(tokenizer("7 + 8")["input_ids"]) == "7 + 8"
+    optimizer_state = torch.load(os.path.join(final, "optimizer.pt"), weights_only=True)
+    assert int(optimizer_state["optimizer"]["state"][0]["step"]) == 8
+    assert not [name for name in os.listdir(run_dir) if name.endswith((".tmp", ".old"))]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, dataset, reduction):
+    common = ["n_examples=32", "eval_every=0", "save_every=0", "eval_at_start=false", f"loss_reduction={reduction}"]
+    one = run(config(tmp_path, dataset, *common, name="one"))
+    four = run(config(tmp_path, dataset, *common, "gradient_accumulation_steps=4", name="four"))
+    assert_same_weights(weights(f"{one}/final"), weights(f"{four}/final"))
+    if reduction == "mean":  # the two reductions really train differently
+        other = run(config(tmp_path, dataset, *common[:-1], "loss_reduction=sum", name="sum"))
+        with pytest.raises(AssertionError):
+            assert_same_weights(weights(f"{one}/final"), weights(f"{other}/final"))
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
+    # Dropout and position offsets make the run depend on RNG state and data position too.
+    overrides = ["save_every=24", "eval_every=24", "model.llama_config.attention_dropout=0.2",
+                 "position_offset_max=16"]
+    whole = run(config(tmp_path, dataset, *overrides, name="whole"))
+
+    save = trainers.Trainer.save
+
+    def crash_after_first_checkpoint(self, name, step):
+        save(self, name, step)
+        raise KeyboardInterrupt("killed")  # the process dies right after writing step-3/
+
+    monkeypatch.setattr(trainers.Trainer, "save", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path, dataset, *overrides, name="killed"))
+    monkeypatch.setattr(trainers.Trainer, "save", save)
+    assert not os.path.exists(tmp_path / "killed" / "final")
+
+    resumed = run(config(tmp_path, dataset, *overrides, f"resume={tmp_path / 'killed'}", name="ignored"))
+    assert resumed == str(tmp_path / "killed") and not os.path.exists(tmp_path / "ignored")
+    assert_same_weights(weights(f"{whole}/final"), weights(f"{resumed}/final"), exact=True)
+    steps = [json.loads(line)["step"] for line in open(f"{resumed}/metrics.jsonl") if "train/loss" in line]
+    assert steps == [2, 4, 6, 8]  # nothing logged twice across the interruption
+
+    different = run(config(tmp_path, dataset, *overrides, "seed=1", name="seed1"))
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(f"{whole}/final"), weights(f"{different}/final"), exact=True)
+
+
+def test_lora_run_saves_an_adapter_with_its_base_beside_it(tmp_path, dataset):
+    run_dir = run(config(tmp_path, dataset, "lora.enabled=true", "lora.lora_r=4", "lora.lora_alpha=8",
+                         "n_examples=16", "eval_every=0", "lr=0.01"))
+    final = os.path.join(run_dir, "final")
+    assert os.path.isfile(os.path.join(final, "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(final, "model.safetensors"))
+    assert os.path.isfile(os.path.join(run_dir, "base_model", "model.safetensors"))
+    model, tokenizer = load_checkpoint(final)
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base_model"))
+    ids = torch.tensor([tokenizer("12 + 34\nSolution: ")["input_ids"]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)  # the adapter was trained
+
+
+def test_learning_rate_schedules():
+    paper = [trainers.learning_rate(s, 2e-4, 100, warmup_steps=1) for s in range(4)]
+    assert paper == [1e-4, 2e-4, 2e-4, 2e-4]
+    cosine = [trainers.learning_rate(s, 1.0, 10, 4, "cosine", 0.1) for s in range(10)]
+    assert cosine[:4] == [0.2, 0.4, 0.6, 0.8] and cosine[4] == 1.0
+    assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+
+
+def test_position_offsets_are_seeded_and_bounded():
+    assert trainers.position_offsets(4, 0, seed=0, step=3, rank=0, micro=0) is None
+    offsets = trainers.position_offsets(1000, 50, seed=0, step=3, rank=0, micro=0)
+    assert offsets.min() == 0 and offsets.max() == 50
+    assert torch.equal(offsets, trainers.position_offsets(1000, 50, seed=0, step=3, rank=0, micro=0))
+    assert not torch.equal(offsets, trainers.position_offsets(1000, 50, seed=0, step=4, rank=0, micro=0))
+
+
+def test_a_malformed_dataset_stops_before_training(tmp_path, dataset):
+    bad = tmp_path / "bad_train.json"
+    bad.write_text(json.dumps([{"input": "1 + 1\nAnswer: ", "output": "2"}, {"input": "2 + 2\nAnswer: "}]))
+    with pytest.raises(DatasetError, match=r"bad_train.json: record 1 has no 'output' key"):
+        run(config(tmp_path, f"{dataset},{bad}"))
+    assert not os.path.exists(tmp_path / "run" / "final") and not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_command_line_keeps_relative_paths_and_reports_bad_files_in_one_line(tmp_path, dataset):
+    (tmp_path / "data").mkdir()
+    for suffix in ("train", "test", "meta"):
+        source = dataset.replace("_train.json", f"_{suffix}.json")
+        (tmp_path / "data" / os.path.basename(source)).write_text(open(source).read())
+    relative = "data/" + os.path.basename(dataset)
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *SMALL_MODEL, f"datasets=[{relative}]",
+               "exp_name=cli", "batch_size=8", "n_examples=16", "eval_every=0", "num_threads=1"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "runs" / "cli" / "final" / "model.safetensors")
+    assert json.load(open(tmp_path / "runs" / "cli" / "data_meta.json"))[0]["path"] == relative
+    assert sorted(os.listdir(tmp_path)) == ["data", "runs"]  # Hydra wrote no outputs/ of its own
+
+    (tmp_path / "data" / "broken_train.json").write_text("[{\"input\": \"1\", ")
+    command[command.index(f"datasets=[{relative}]")] = "datasets=[data/broken_train.json]"
+    failed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: data/broken_train.json: not JSON")
