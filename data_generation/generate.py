@@ -34,9 +34,9 @@ def parse_lengths(text: str) -> list[int]:
     """``"1-8"`` -> [1, ..., 8]; ``"1,3,5-6"`` -> [1, 3, 5, 6]. ValueError for lengths below 1."""
     lengths: set[int] = set()
     for part in text.split(","):
-        low, _, high = part.strip().partition("-")
+        low, dash, high = part.strip().partition("-")
         try:
-            first, last = int(low), int(high or low)
+            first, last = int(low), int(high if dash else low)
         except ValueError:
             raise ValueError(f"--lengths: {part.strip()!r} is not a length or a range like 1-8") from None
         if first < 1 or last < first:

@@ -9,7 +9,9 @@ The pipeline every task shares (a task only supplies the ``tasks.base.Task`` met
    and each distinct input is kept ``task.retuning_copies(input, preset, rng)`` times, asked in
    first-seen order. A task may offer ``fast_retuning`` to do exactly this in bulk;
 3. held-out problems: ``task.sample(rng, n)`` for each training length n, skipping any problem
-   whose prompt was a training input (for Re-Tuning: posed at any depth of a training solve);
+   whose prompt was a training input (for Re-Tuning: posed at any depth of a training solve)
+   as long as the problem space allows (all 81 one-digit additions are in the paper set, for
+   one: such lengths are filled up with training problems, counted in the meta file);
 4. the meta file: seed, lengths, counts, character and token statistics.
 
 Files are JSON lists, one record a line, as the paper's notebooks wrote them (they parse with
@@ -197,23 +199,27 @@ def training_source(task: Task, method: str, preset: str, seed: int):
 
 
 def held_out_problems(task: Task, preset: str, seed: int, lengths: Iterable[int], per_length: int,
-                      trained) -> list[Any]:
-    """``per_length`` problems of each length from ``task.sample``, none ``trained`` and no two
-    alike. A length whose problems are (nearly) all in training gets fewer, possibly none; after
-    ``TEST_ATTEMPTS_PER_PROBLEM`` draws per wanted problem it counts as used up."""
+                      trained) -> tuple[list[Any], Counter]:
+    """``per_length`` distinct problems of each length from ``task.sample``, none ``trained``
+    where the problem space allows. A length whose problems are (nearly) all in training, so that
+    ``TEST_ATTEMPTS_PER_PROBLEM`` draws per wanted problem find too few new ones, is filled up
+    with trained problems; the second value counts those per length."""
     rng = stream(task, preset, seed, "test")
-    problems = []
+    problems, in_training = [], Counter()
     for n in lengths:
-        found: dict[str, Any] = {}
+        new: dict[str, Any] = {}
+        old: dict[str, Any] = {}
         for _ in range(TEST_ATTEMPTS_PER_PROBLEM * per_length):
-            if len(found) == per_length:
+            if len(new) == per_length:
                 break
             problem = task.sample(rng, n)
             key = task.question(problem)
-            if key not in found and not trained(problem):
-                found[key] = problem
-        problems.extend(found.values())
-    return problems
+            if key not in new and key not in old:
+                (old if trained(problem) else new)[key] = problem
+        reused = list(old.values())[:per_length - len(new)]
+        problems.extend([*new.values(), *reused])
+        in_training[n] = len(reused)
+    return problems, in_training
 
 
 # --- one dataset -----------------------------------------------------------------------------
@@ -245,9 +251,11 @@ def generate(task: Task, method: str, preset: str, seed: int, out_dir: str,
         for entry in source.tally():
             tally.add(*entry)
 
-        train_lengths = sorted({task.length(problem) for problem in problems})
-        test_problems = held_out_problems(task, preset, seed, train_lengths, test_per_length,
-                                          source.trained)
+        # Lengths trained on: of the problems drawn and, for Re-Tuning, of every sub-problem posed.
+        train_lengths = sorted({task.length(problem) for problem in problems}
+                               | {int(length) for length in tally.per_length()})
+        test_problems, test_in_training = held_out_problems(
+            task, preset, seed, train_lengths, test_per_length, source.trained)
         test = RecordListFile(paths["test"])
         files.append(test)
         test_tally = Tally()
@@ -269,12 +277,14 @@ def generate(task: Task, method: str, preset: str, seed: int, out_dir: str,
             "shared_draw": bool(getattr(task, "shared_draw", lambda preset: False)(preset)),
             "deduplicated": deduplicates(task, method, preset),
             "test_problems_per_length": {str(n): per_length[n] for n in train_lengths},
+            "test_in_training_per_length": {str(n): test_in_training[n] for n in train_lengths},
             "test_records_per_length": test_tally.per_length(),
             "test": test_tally.summary(),
             "test_note": ("held-out problems come from task.sample at each training length and "
-                          "exclude every problem whose prompt is a training input (for Re-Tuning, "
-                          "every problem posed at any depth of a training solve); a length whose "
-                          "problems are all in training has fewer or none (test_problems_per_length)"),
+                          "are not training problems (for Re-Tuning: not posed at any depth of a "
+                          "training solve) wherever the problem space allows; where nearly all "
+                          "problems of a length are in training, the set is filled up with "
+                          "training problems, counted in test_in_training_per_length"),
             "files": {"train": names["train"], "test": names["test"]},
             "generator_version": GENERATOR_VERSION,
         }

@@ -1,0 +1,231 @@
+"""The data generator end to end: files, meta, determinism, held-out problems, bad arguments and
+interrupted runs (addition at small sizes; dp and parity through the same machinery)."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from data_generation import pipeline
+from data_generation.generate import main, parse_lengths
+from tasks import get_task, protocol, task_names
+from test_addition import check_record  # tests/ is on sys.path (pytest's default import mode)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("baseline", "scratchpad", "retuning")
+
+
+def run_script(task, *args):
+    return subprocess.run([sys.executable, os.path.join("data_generation", f"generate_{task}.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def load(folder, task, method, preset, split):
+    return json.loads(read(os.path.join(folder, f"{task}_{method}_{preset}_{split}.json")))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The small preset, all methods, from the real script (as a user runs it)."""
+    folder = str(tmp_path_factory.mktemp("small"))
+    result = run_script("addition", "--preset", "small", "--out-dir", folder, "--test-per-length", "40")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def question_of(method, record_input):
+    return record_input.split("\n", 1)[0]
+
+
+def test_files_layout_and_meta_match_the_records(small):
+    assert sorted(os.listdir(small)) == sorted(f"addition_{m}_small_{s}.json" for m in METHODS
+                                               for s in ("train", "test", "meta"))
+    for method in METHODS:
+        text = read(os.path.join(small, f"addition_{method}_small_train.json"))
+        lines = text.split("\n")
+        assert lines[0] == "[" and lines[-2:] == ["]", ""]
+        assert all(line.startswith('{"input": ') for line in lines[1:-2])  # one record a line
+        train, test = (load(small, "addition", method, "small", s) for s in ("train", "test"))
+        meta = load(small, "addition", method, "small", "meta")
+        assert (meta["task"], meta["method"], meta["preset"], meta["seed"]) == ("addition", method, "small", 0)
+        assert meta["n_train"] == len(train) == len(lines) - 3 and meta["n_test"] == len(test)
+        assert meta["n_train_problems"] == 3150 and meta["shared_draw"] is True
+        assert meta["train_lengths"] == list(range(1, 9))
+        lengths = Counter(len(question_of(method, row["input"]).split(" + ")[0]) for row in train)
+        assert meta["records_per_length"] == {str(n): lengths[n] for n in sorted(lengths)}
+        sizes = [len(row["input"]) + len(row["output"]) for row in train]
+        assert meta["chars"] == {"total": sum(sizes), "mean": round(sum(sizes) / len(sizes), 3), "max": max(sizes)}
+        assert meta["tokens"]["total"] == sum(sizes) + len(train)
+        assert meta["tokens"]["output_total"] == sum(len(row["output"]) + 1 for row in train)
+        assert meta["tokens"]["max_input"] == max(len(row["input"]) for row in train)
+        assert "character-level" in meta["tokenizer"]
+        assert sum(meta["test_problems_per_length"].values()) == meta["n_test_problems"]
+        assert meta["deduplicated"] is (method == "retuning")
+    assert load(small, "addition", "baseline", "small", "meta")["n_train"] == 3150
+    assert 20_000 <= load(small, "addition", "retuning", "small", "meta")["n_train"] <= 50_000
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_written_record_is_right(small, method):
+    """Thousands of records from the files, each checked with Python integers (tests/test_addition)."""
+    rows = load(small, "addition", method, "small", "train") + load(small, "addition", method, "small", "test")
+    for row in rows:
+        check_record(method, row["input"], row["output"])
+    assert len(rows) >= 3000
+
+
+def top_level_questions(method, rows):
+    """The question of each held-out problem (a Re-Tuning solve is 2L - 1 consecutive records)."""
+    questions, at = [], 0
+    while at < len(rows):
+        question = question_of(method, rows[at]["input"])
+        questions.append(question)
+        at += 2 * len(question.split(" + ")[0]) - 1 if method == "retuning" else 1
+    return questions
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_held_out_problems_are_not_trained(small, method):
+    train = load(small, "addition", method, "small", "train")
+    meta = load(small, "addition", method, "small", "meta")
+    trained = {question_of(method, row["input"]) for row in train}
+    held_out = top_level_questions(method, load(small, "addition", method, "small", "test"))
+    assert len(held_out) == len(set(held_out)) == meta["n_test_problems"]
+    overlap = Counter(len(q.split(" + ")[0]) for q in held_out if q in trained)
+    assert {str(n): overlap[n] for n in meta["train_lengths"]} == meta["test_in_training_per_length"]
+    # Only where the problem space is used up: every 1-digit Re-Tuning problem is a base case.
+    assert set(overlap) <= {1}
+    assert meta["test_problems_per_length"]["5"] == 40 and overlap[5] == 0
+    if method == "retuning":
+        assert overlap[1] == meta["test_problems_per_length"]["1"] == 40
+
+
+def test_same_seed_same_bytes_other_seed_other_data(small, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert main(["--preset", "small", "--out-dir", str(again), "--test-per-length", "40", "--quiet"], "addition") == 0
+    for name in os.listdir(small):
+        assert read(os.path.join(small, name)) == read(again / name), name
+    assert main(["--preset", "small", "--out-dir", str(other), "--test-per-length", "40", "--quiet",
+                 "--seed", "1", "--methods", "retuning"], "addition") == 0
+    first = load(small, "addition", "retuning", "small", "train")
+    second = json.loads(read(other / "addition_retuning_small_train.json"))
+    assert {r["input"] for r in first[:2000]} != {r["input"] for r in second[:2000]}
+    assert load(str(other), "addition", "retuning", "small", "meta")["seed"] == 1
+
+
+def test_fast_renderer_writes_the_generic_pipelines_bytes(small, tmp_path, monkeypatch):
+    """Without the bulk renderer the generic path (Task.records, set de-duplication,
+    retuning_copies per distinct input) must write the very same three files."""
+    task = get_task("addition")
+    monkeypatch.delattr(type(task), "fast_retuning")
+    pipeline.generate(task, "retuning", "small", 0, str(tmp_path), None, 40, progress=False)
+    for split in ("train", "test", "meta"):
+        name = f"addition_retuning_small_{split}.json"
+        assert read(tmp_path / name) == read(os.path.join(small, name)), name
+
+
+def test_limited_preset_and_lengths_flag(tmp_path):
+    assert main(["--preset", "limited", "--out-dir", str(tmp_path), "--quiet"], "addition") == 0
+    counts = {m: load(str(tmp_path), "addition", m, "limited", "meta")["n_train"] for m in METHODS}
+    assert counts == {"baseline": 150, "scratchpad": 150, "retuning": 2250}
+    questions = [[question_of(m, r["input"]) for r in load(str(tmp_path), "addition", m, "limited", "train")]
+                 for m in ("baseline", "scratchpad")]
+    assert questions[0] == questions[1]  # the same 150 problems for every method
+    assert main(["--preset", "small", "--methods", "baseline,retuning", "--lengths", "2-3,5",
+                 "--out-dir", str(tmp_path), "--quiet", "--test-per-length", "5"], "addition") == 0
+    meta = load(str(tmp_path), "addition", "retuning", "small", "meta")
+    assert meta["requested_lengths"] == [2, 3, 5] and meta["train_lengths"] == [1, 2, 3, 4, 5]
+    assert load(str(tmp_path), "addition", "baseline", "small", "meta")["train_lengths"] in ([2, 3, 5], [2, 3, 4, 5])
+
+
+def test_paper_baseline_has_304000_records(tmp_path):
+    """SPEC: 304,000 baseline records (the whole file, through the script, in a few seconds)."""
+    assert main(["--methods", "baseline", "--out-dir", str(tmp_path), "--quiet", "--test-per-length", "2"],
+                "addition") == 0
+    meta = load(str(tmp_path), "addition", "baseline", "paper", "meta")
+    assert meta["n_train"] == meta["n_train_problems"] == 304_000
+    assert sum(meta["records_per_length"].values()) == 304_000
+    assert read(tmp_path / "addition_baseline_paper_train.json").count("\n") == 304_000 + 2
+
+
+# --- bad arguments and interruptions -----------------------------------------------------------
+BAD = [(["--methods", "baseline,cot"], "cot"), (["--preset", "huge"], "huge"),
+       (["--lengths", "0"], "--lengths"), (["--lengths", "5-2"], "--lengths"), (["--lengths", "x"], "--lengths"),
+       (["--seed", "abc"], "abc"), (["--test-per-length", "-1"], "-1"), (["--bogus"], "--bogus")]
+
+
+@pytest.mark.parametrize("args,named", BAD)
+def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, named):
+    folder = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--out-dir", str(folder), "--quiet"], "addition")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err and named in err
+    assert not folder.exists()
+
+
+def test_bad_task_and_unwritable_out_dir_from_the_scripts(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_script("addition", "--out-dir", str(blocker / "data"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--out-dir" in result.stderr
+    result = subprocess.run([sys.executable, "data_generation/generate.py", "--task", "multiplication",
+                             "--out-dir", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "multiplication" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_interrupted_run_leaves_old_files_and_no_temporaries(tmp_path, monkeypatch):
+    task = get_task("addition")
+    pipeline.generate(task, "baseline", "small", 0, str(tmp_path), [1, 2], 3, progress=False)
+    before = {name: read(tmp_path / name) for name in os.listdir(tmp_path)}
+    original, calls = task.records, []
+
+    def records_then_interrupt(problem, method):
+        calls.append(problem)
+        if len(calls) > 500:
+            raise KeyboardInterrupt
+        return original(problem, method)
+
+    monkeypatch.setattr(task, "records", records_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate(task, "baseline", "small", 7, str(tmp_path), None, 3, progress=False)
+    assert {name: read(tmp_path / name) for name in os.listdir(tmp_path)} == before  # no .tmp either
+
+
+def test_parse_lengths():
+    assert parse_lengths("1-8") == list(range(1, 9))
+    assert parse_lengths("3, 1,5-6") == [1, 3, 5, 6]
+    for bad in ("0", "0-3", "4-2", "a", "", "1-"):
+        with pytest.raises(ValueError):
+            parse_lengths(bad)
+
+
+# --- the same machinery for the other tasks ---------------------------------------------------
+@pytest.mark.parametrize("task_name", ["dp", "parity"])
+def test_other_tasks_generate_through_the_same_pipeline(task_name, tmp_path):
+    if task_name not in task_names():
+        pytest.skip(f"tasks/{task_name}.py has not landed yet")
+    task = get_task(task_name)
+    result = run_script(task_name, "--preset", "small", "--methods", "retuning,baseline",
+                        "--out-dir", str(tmp_path), "--test-per-length", "5", "--seed", "2")
+    assert result.returncode == 0, result.stderr
+    for method in ("retuning", "baseline"):
+        train = load(str(tmp_path), task_name, method, "small", "train")
+        meta = load(str(tmp_path), task_name, method, "small", "meta")
+        assert meta["n_train"] == len(train) and meta["n_test"] == len(load(str(tmp_path), task_name, method, "small", "test"))
+        assert meta["chars"]["total"] == sum(len(r["input"]) + len(r["output"]) for r in train)
+        for row in train[::max(1, len(train) // 300)]:  # each record is what the oracle writes there
+            assert task.oracle(row["input"], method) == row["output"]
+        if method == "retuning":
+            inputs = [r["input"] for r in train]
+            assert len(set(inputs)) < len(inputs) or meta["deduplicated"]
+            assert all(protocol.SOLUTION_CUE in i for i in inputs[:100])
