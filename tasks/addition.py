@@ -25,8 +25,9 @@ Problem = tuple[str, str]
 # --- 1. problems and sampling -----------------------------------------------------------------
 def pad(a: int, b: int) -> Problem:
     """Two numbers as a problem, zero-padded to the same length: ``pad(7, 58) == ("07", "58")``."""
-    width = max(len(str(a)), len(str(b)))
-    return str(a).zfill(width), str(b).zfill(width)
+    a_text, b_text = str(a), str(b)
+    width = max(len(a_text), len(b_text))
+    return a_text.zfill(width), b_text.zfill(width)
 
 
 def numeric_length(operand: str) -> int:
@@ -335,14 +336,32 @@ class BulkRetuning:
         self.combine_piece = self._template(record_piece(
             protocol.append_return(protocol.pose(sub), call(sub), answer_text(slot, slot)),
             answer_text(slot, slot)), 8)
-        self.seen: list[set[str]] = []  # by padded length: a + b of every question posed
-        self.counts: dict[tuple[str, int], int] = {}  # (kind, length) -> records written
+        # All by padded length k: the questions posed (as a + b), the drop probability and the
+        # copies of a record, and the records written of each kind.
+        self.seen: list[set[str]] = []
+        self.drop_at: list[float] = []
+        self.copies_at: list[int] = []
+        self.written: dict[str, list[int]] = {"call": [], "base": [], "combine": []}
 
     @staticmethod
     def _template(piece: str, slots: int) -> str:
         if piece.count("%") != slots or piece.count("%s") != slots:
             raise ValueError(f"the record text holds a '%' of its own: {piece!r}")
         return piece
+
+    def _grow(self, size: int) -> None:
+        while len(self.seen) <= size:
+            k = len(self.seen)
+            self.seen.append(set())
+            self.drop_at.append(self.rules.drop.get(k, 0.0))
+            self.copies_at.append(self.rules.repeats.get(k, 1))
+            for counts in self.written.values():
+                counts.append(0)
+
+    @property
+    def counts(self) -> dict[tuple[str, int], int]:
+        """Records written, by (kind, length): kinds "call", "base", "combine"."""
+        return {(kind, k): n for kind, counts in self.written.items() for k, n in enumerate(counts) if n}
 
     def trained(self, problem: Problem) -> bool:
         """Whether the problem was posed (at any depth) in the problems rendered so far."""
@@ -353,8 +372,8 @@ class BulkRetuning:
         """The text of the problem's new records, in first-seen order, repeats included."""
         a, b = problem
         size = len(a)
-        while len(self.seen) <= size:
-            self.seen.append(set())
+        if len(self.seen) <= size:
+            self._grow(size)
         seen, a_from, b_from = self.seen, [""] * (size + 1), [""] * (size + 1)
         k = size
         while k:  # suffix k: the last k digits of both operands
@@ -375,40 +394,44 @@ class BulkRetuning:
         for n in range(max(old, 1), size):  # the sum's digit n+1 is a's + b's + carry n (mod 10)
             carry[n] = (codes[size - n] - a_codes[size - n - 1] - b_codes[size - n - 1] + 48) % 10
         carry[size] = codes[0] - 48
-        drops, repeats, draw, counts = self.rules.drop, self.rules.repeats, self.draw, self.counts
+        drop_at, copies_at, draw = self.drop_at, self.copies_at, self.draw
+        calls, combines = self.written["call"], self.written["combine"]
         out, drop_of = [], [0.0] * (size + 1)
         for k in range(size, old, -1):  # calls top-down, ending with the base case
             x, y = a_from[k], b_from[k]
             if x[0] != "0" and y[0] != "0":
-                drop = drops.get(k, 0.0)
+                drop = drop_at[k]
+            elif x[0] != y[0]:  # one operand shorter than the other without its zeros
+                drop = 0.0
             else:
-                digits = numeric_length(x)
-                drop = drops.get(digits, 0.0) if digits == numeric_length(y) else 0.0
+                digits = len(x.lstrip("0")) or 1
+                drop = drop_at[digits] if digits == (len(y.lstrip("0")) or 1) else 0.0
             drop_of[k] = drop  # the combine record of suffix k draws with the same probability
             if drop and draw() < drop:
                 continue
-            copies = repeats.get(k, 1)
+            copies = copies_at[k]
             if k == 1:
-                piece, kind = self.base_piece % (x, y, carry[1], total[size]), "base"
+                piece = self.base_piece % (x, y, carry[1], total[size])
+                self.written["base"][1] += copies
             else:
-                piece, kind = self.call_piece % (x, y, a_from[k - 1], b_from[k - 1]), "call"
+                piece = self.call_piece % (x, y, a_from[k - 1], b_from[k - 1])
+                calls[k] += copies
             out.append(piece * copies if copies > 1 else piece)
-            counts[kind, k] = counts.get((kind, k), 0) + copies
         for k in range(max(old + 1, 2), size + 1):  # then the combines bottom-up
             drop = drop_of[k]
             if drop and draw() < drop:
                 continue
-            copies = repeats.get(k, 1)
+            copies = copies_at[k]
             piece = self.combine_piece % (a_from[k], b_from[k], a_from[k - 1], b_from[k - 1],
                                           carry[k - 1], total[size + 2 - k:], carry[k], total[size + 1 - k:])
             out.append(piece * copies if copies > 1 else piece)
-            counts["combine", k] = counts.get(("combine", k), 0) + copies
+            combines[k] += copies
         return "".join(out)
 
     def tally(self) -> Iterator[tuple[int, int, int, int]]:
         """``(length, input chars, output chars, copies)`` per kind and length written: within a
         kind and length every addition record has the same size (all fields are fixed width)."""
-        for (kind, k), copies in sorted(self.counts.items()):
+        for (kind, k), copies in sorted(self.counts.items(), key=lambda item: (item[0][1], item[0][0])):
             zeros = "0" * k
             sub = question(zeros[1:], zeros[1:])
             if kind == "call":
