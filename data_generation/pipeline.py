@@ -14,8 +14,15 @@ The pipeline every task shares (a task only supplies the ``tasks.base.Task`` met
    one: such lengths are filled up with training problems, counted in the meta file);
 4. the meta file: seed, lengths, counts, character and token statistics.
 
-Files are JSON lists, one record a line, as the paper's notebooks wrote them (they parse with
-``json.load`` and are interchangeable with the original files)::
+Optional task methods the pipeline uses when a task has them (tasks/addition.py has all four):
+``deduplicates(preset)`` (default True), ``shared_draw(preset)`` (default False: the meta file
+claims a shared draw only when the task says so), ``record_length(record_input)`` (Re-Tuning
+records are counted under the length of the sub-problem they pose; default: the problem's
+length) and ``fast_retuning(preset, rng, record_piece)`` (a bulk renderer, see tasks.addition.BulkRetuning).
+
+Files are JSON lists of ``{"input", "output"}`` records, the format of the paper's notebooks
+(``json.load`` reads theirs and ours alike), laid out one record a line so that they stream and
+diff well::
 
     [
     {"input": "9 + 9\\nSolution: ", "output": "Carry 1, Output 8"},
