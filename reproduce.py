@@ -1,0 +1,187 @@
+"""The paper's comparison in one command: for each task, generate the data of the three methods,
+train a model on each, evaluate each in and beyond the trained lengths, and compare.
+
+    python reproduce.py                              # addition, tiny model, CPU
+    python reproduce.py task=all                     # addition, DP and parity
+    python reproduce.py task=parity model=llama7b    # the paper's setting on a GPU
+
+Writes, per task, ``results/<task>/comparison.png`` (accuracy by length, one line per method,
+trained lengths shaded), ``results/<task>/summary.md`` (accuracy in and beyond the trained lengths,
+training tokens, time and peak memory per method) and ``results/<task>/<method>/results.json``.
+Every step writes its outputs whole or not at all, and a step whose outputs exist is skipped, so
+an interrupted run picks up where it stopped (an interrupted training resumes from its last
+checkpoint). Settings: ``config/reproduce/config.yaml``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data_generation.pipeline import file_names, generate
+from evaluation.cli import evaluate_checkpoint, parse_lengths
+from evaluation.plot import load_results, plot_accuracy
+from tasks import get_task, task_names
+from utils import atomic_write_json, atomic_write_text
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+STATS_FILE = "reproduce_stats.json"  # beside a run's final/: wall time and peak memory of training
+
+
+def task_settings(cfg: DictConfig, task_name: str) -> tuple[str, DictConfig]:
+    preset = cfg.preset or ("small" if cfg.model == "tiny" else "paper")
+    try:
+        return preset, cfg.tasks[task_name][preset]
+    except Exception:
+        raise SystemExit(f"error: config/reproduce/config.yaml has no tasks.{task_name}.{preset} settings")
+
+
+def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, settings: DictConfig) -> str:
+    """The dataset's training file, generated unless a complete one with these settings exists."""
+    task = get_task(task_name)
+    names = file_names(task, method, preset)
+    train_path, meta_path = (os.path.join(cfg.data_dir, names[split]) for split in ("train", "meta"))
+    lengths = parse_lengths(settings.lengths) if settings.lengths else None
+    if os.path.exists(meta_path):  # the meta file is written last: its presence means complete
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+        if meta.get("seed") == cfg.seed and meta.get("requested_lengths") == lengths:
+            return train_path
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    generate(task, method, preset, cfg.seed, cfg.data_dir, lengths)
+    return train_path
+
+
+def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> None:
+    """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
+    peak resident memory beside the run's ``final/``."""
+    if os.path.exists(os.path.join(run_dir, "final")):
+        return
+    args = [sys.executable, os.path.join(REPO_ROOT, "train.py"), f"model={cfg.model}",
+            f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}", f"run_dir={run_dir}",
+            f"seed={cfg.seed}", *[f"{key}={value}" for key, value in overrides.items()], *cfg.train_args]
+    if os.path.isdir(run_dir):
+        args.append(f"resume={run_dir}")
+    tqdm.write(" ".join(args[1:]))
+    start = time.time()
+    child = subprocess.Popen(args)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"error: training {run_dir} failed (exit {os.waitstatus_to_exitcode(status)})")
+    # ru_maxrss is in KiB on Linux.
+    atomic_write_json(os.path.join(run_dir, STATS_FILE),
+                      {"train_wall_s": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024})
+
+
+def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir: str,
+             settings: DictConfig) -> dict:
+    results_path = os.path.join(out_dir, "results.json")
+    if os.path.exists(results_path):
+        return load_results(results_path)
+    return evaluate_checkpoint(task_name, run_dir, method, lengths=settings.eval_lengths,
+                               samples=settings.eval_samples, seed=cfg.seed, batch_size=cfg.eval.batch_size,
+                               device=cfg.eval.device, dtype=cfg.eval.dtype, out=out_dir)
+
+
+def training_cost(run_dir: str) -> dict:
+    """Records and tokens trained on, and wall time and peak memory, of a finished run."""
+    with open(os.path.join(run_dir, "final", "trainer_state.json")) as handle:
+        records = json.load(handle)["records_seen"]
+    with open(os.path.join(run_dir, "data_meta.json")) as handle:
+        meta = json.load(handle)[0]
+    stats_path = os.path.join(run_dir, STATS_FILE)
+    stats = json.load(open(stats_path)) if os.path.exists(stats_path) else {}
+    return {"records": records, "tokens_per_record": meta["tokens"]["mean"],
+            "tokens": round(records * meta["tokens"]["mean"]), **stats}
+
+
+def mean_accuracy(results: dict, keep) -> float | None:
+    rows = [row for n, row in results["lengths"].items() if keep(int(n))]
+    problems = sum(row["problems"] for row in rows)
+    return sum(row["correct"] for row in rows) / problems if problems else None
+
+
+def summary_markdown(task_name: str, preset: str, model: str, results: dict[str, dict],
+                     costs: dict[str, dict]) -> str:
+    """The comparison table of one task, e.g.::
+
+        | method | trained lengths 1-8 | beyond (9-24) | at 24 | tokens trained | ... |
+        | Re-Tuning | 100.0% | 93.1% | 85.0% | 5,120,000 | ... |
+    """
+    trained = next(iter(results.values()))["settings"]["train_lengths"]
+    low, high = min(trained), max(trained)
+    evaluated = sorted({int(n) for r in results.values() for n in r["lengths"]})
+    beyond = [n for n in evaluated if n > high]
+    far = 3 * high if 3 * high in evaluated else (beyond[-1] if beyond else None)
+
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    lines = [f"# {task_name}: {model} model, {preset} preset", "",
+             f"| method | trained lengths {low}-{high} | beyond ({beyond[0]}-{beyond[-1]}) | at {far} "
+             f"| records trained | tokens trained | tokens/record | training time | peak memory |"
+             if beyond else
+             f"| method | trained lengths {low}-{high} | beyond | at - | records trained | tokens trained "
+             f"| tokens/record | training time | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, result in results.items():
+        cost = costs[method]
+        lines.append(
+            f"| {METHOD_LABELS.get(method, method)} "
+            f"| {percent(mean_accuracy(result, lambda n: low <= n <= high))} "
+            f"| {percent(mean_accuracy(result, lambda n: n > high))} "
+            f"| {percent(mean_accuracy(result, lambda n: n == far))} "
+            f"| {cost['records']:,} | {cost['tokens']:,} | {cost['tokens_per_record']:.1f} "
+            f"| {cost.get('train_wall_s', float('nan')) / 60:.1f} min "
+            f"| {cost.get('peak_rss_mb', float('nan')):,.0f} MB |")
+    lines += ["", "Accuracy is the share of problems whose final answer is right, pooled over the lengths "
+              "of each column; tokens trained = records trained x mean tokens per record of the data. "
+              "Peak memory is the training process's peak resident set size.", ""]
+    return "\n".join(lines)
+
+
+METHOD_LABELS = {"baseline": "Baseline", "scratchpad": "Scratchpad", "retuning": "Re-Tuning"}
+
+
+@hydra.main(config_path="config/reproduce", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    names = task_names() if cfg.task == "all" else [cfg.task]
+    for name in names:
+        get_task(name)  # unknown task: one-line error before any work
+    steps = tqdm(total=len(names) * (3 * len(cfg.methods) + 1), desc="reproduce", unit=" steps")
+    for name in names:
+        preset, settings = task_settings(cfg, name)
+        results, costs = {}, {}
+        for method in cfg.methods:
+            steps.set_postfix_str(f"{name} {method}: data")
+            train_path = make_data(cfg, name, method, preset, settings)
+            steps.update()
+            run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}")
+            overrides = {**settings.train.get("common", {}), **settings.train.get(method, {})}
+            steps.set_postfix_str(f"{name} {method}: training")
+            train(cfg, run_dir, train_path, overrides)
+            steps.update()
+            steps.set_postfix_str(f"{name} {method}: evaluation")
+            results[method] = evaluate(cfg, name, method, run_dir,
+                                       os.path.join(cfg.results_dir, name, method), settings)
+            costs[method] = training_cost(run_dir)
+            steps.update()
+        out = os.path.join(cfg.results_dir, name)
+        plot_accuracy(list(results.values()), os.path.join(out, "comparison.png"),
+                      labels=[METHOD_LABELS.get(m, m) for m in results],
+                      title=f"{name}: accuracy by problem length ({cfg.model} model)")
+        summary = summary_markdown(name, preset, cfg.model, results, costs)
+        atomic_write_text(os.path.join(out, "summary.md"), summary)
+        steps.update()
+        tqdm.write(summary)
+    steps.close()
+
+
+if __name__ == "__main__":
+    main()
