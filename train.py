@@ -35,6 +35,17 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 def run(cfg: DictConfig) -> str:
     """Train as ``cfg`` says; returns the run directory."""
+    trainer = build(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.logger.close()
+    return trainer.run_dir
+
+
+def build(cfg: DictConfig) -> Trainer:
+    """Everything up to the first step: processes, run directory, data, model, trainer (resumed
+    from the last checkpoint when ``cfg.resume`` names a run directory)."""
     processes = init_processes(cfg.device)
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes.local_world_size))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
@@ -74,11 +85,7 @@ def run(cfg: DictConfig) -> str:
     trainer = Trainer(cfg, model, tokenizer, train_data, eval_data, run_dir, processes, logger)
     if checkpoint:
         trainer.restore(*checkpoint)
-    try:
-        trainer.train()
-    finally:
-        logger.close()
-    return run_dir
+    return trainer
 
 
 @hydra.main(version_base=None, config_path="config", config_name="config")

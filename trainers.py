@@ -177,6 +177,10 @@ class Trainer:
                   "tokens_per_s": tokens / seconds, "records_per_s": seqs / seconds,
                   "padding_share": 1 - tokens / max(computed, 1)}
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if self.processes.is_main:
+            tqdm.write(f"step {step}: loss {values['train/loss']:.4f} | lr {lr:.2e} | grad norm {values['grad_norm']:.2f} | "
+                       f"{values['tokens_per_s']:,.0f} tokens/s | {values['records_per_s']:,.1f} records/s | "
+                       f"padding {values['padding_share']:.1%}")
         self.logger.log(step, values)
 
     # --- checkpoints -------------------------------------------------------------------------
