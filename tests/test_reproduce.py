@@ -1,0 +1,74 @@
+"""The whole pipeline at toy size: data, three trainings, three evaluations, figure and summary."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOY = [
+    "task=addition", "tasks.addition.small.lengths=1-2", "tasks.addition.small.eval_lengths=1-3",
+    "tasks.addition.small.eval_samples=2", "eval.batch_size=16",
+    # A very small model and a few steps: this checks the plumbing, not the science.
+    "train_args=[" + ",".join(f"'{item}'" for item in [
+        "model.llama_config.hidden_size=32",
+        "model.llama_config.intermediate_size=64",
+        "model.llama_config.num_hidden_layers=1",
+        "model.llama_config.num_attention_heads=2",
+        "n_examples=64",
+        "batch_size=16",
+        "eval_every=32",
+        "n_eval_examples=16",
+        "eval_batch_size=16",
+        "warmup_steps=1",
+    ]) + "]",
+]
+
+
+def run_reproduce(tmp_path, *extra):
+    args = [sys.executable, os.path.join(REPO, "reproduce.py"), f"data_dir={tmp_path}/data",
+            f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", *TOY, *extra]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
+    run_reproduce(tmp_path)
+    out = tmp_path / "results" / "addition"
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in summary.splitlines() if re.match(r"\| (Baseline|Scratchpad|Re-Tuning) ", line)}
+    assert set(rows) == {"Baseline", "Scratchpad", "Re-Tuning"}
+    for method, label in [("baseline", "Baseline"), ("scratchpad", "Scratchpad"), ("retuning", "Re-Tuning")]:
+        results = json.loads((out / method / "results.json").read_text())
+        assert results["method"] == method and results["task"] == "addition"
+        assert sorted(int(n) for n in results["lengths"]) == [1, 2, 3]
+        meta = json.loads((tmp_path / "data" / f"addition_{method}_small_meta.json").read_text())
+        trained_lengths = results["settings"]["train_lengths"]
+        assert trained_lengths == meta["train_lengths"] and min(trained_lengths) == 1
+        assert all(row["problems"] == 2 for row in results["lengths"].values())
+        # The summary's columns are the results pooled over the trained lengths and beyond them.
+        def pooled(keep):
+            rows_kept = [row for n, row in results["lengths"].items() if keep(int(n))]
+            if not rows_kept:
+                return "-"
+            return f"{100 * sum(r['correct'] for r in rows_kept) / sum(r['problems'] for r in rows_kept):.1f}%"
+        assert rows[label][0] == pooled(lambda n: n <= max(trained_lengths))
+        assert rows[label][1] == pooled(lambda n: n > max(trained_lengths))
+        # Records trained: the toy run's 64 records, as the checkpoint says.
+        state = json.loads((tmp_path / "runs" / f"addition_{method}_small_tiny" / "final" /
+                            "trainer_state.json").read_text())
+        assert state["records_seen"] == 64 and rows[label][3] == "64"
+    # Re-Tuning records are shorter than the scratchpad's (the paper's token argument).
+    tokens_per_record = {label: float(cells[5]) for label, cells in rows.items()}
+    assert tokens_per_record["Re-Tuning"] < tokens_per_record["Scratchpad"]
+
+    # A second run finds every step done: nothing is trained or evaluated again.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("model.safetensors")}
+    stamps.update({p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("results.json")})
+    again = run_reproduce(tmp_path)
+    assert "train.py" not in again.stdout + again.stderr
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
