@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainers
@@ -175,3 +176,23 @@ def test_command_line_keeps_relative_paths_and_reports_bad_files_in_one_line(tmp
     failed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0
     assert failed.stderr.strip().splitlines()[-1].startswith("error: data/broken_train.json: not JSON")
+
+
+@pytest.mark.parametrize("model", sorted(name[:-5] for name in os.listdir(os.path.join(ROOT, "config", "model"))))
+def test_every_model_config_composes_with_the_papers_key_names(model):
+    cfg = compose_config([f"model={model}"])
+    assert cfg.model.name == model
+    for key in ("exp_name", "datasets", "seed", "batch_size", "gradient_accumulation_steps", "eval_batch_size",
+                "n_eval_examples", "n_examples", "n_epochs", "eval_every", "lr", "warmup_steps", "max_grad_norm",
+                "max_length", "max_prompt_length", "lora.enabled", "lora.lora_r", "lora.lora_alpha", "lora.lora_dropout"):
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+    if model == "tiny":
+        assert cfg.model.from_scratch and not cfg.lora.enabled and cfg.lr == 1e-3
+    else:  # hub models: the paper's LoRA settings, target modules named in the YAML
+        assert not cfg.model.from_scratch and cfg.model.name_or_path
+        assert (cfg.lora.enabled, cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (True, 64, 64, 0.05)
+        assert cfg.model.lora_target_modules
+        assert (cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm, cfg.batch_size) == (2e-4, 0.01, 1, 10.0, 128)
+        assert (cfg.n_examples, cfg.n_epochs, cfg.eval_every, cfg.loss_reduction) == (500000, 5, 7936, "sum")
+    if model.startswith("llama"):
+        assert list(cfg.model.lora_target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
