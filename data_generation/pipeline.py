@@ -14,11 +14,10 @@ The pipeline every task shares (a task only supplies the ``tasks.base.Task`` met
    one: such lengths are filled up with training problems, counted in the meta file);
 4. the meta file: seed, lengths, counts, character and token statistics.
 
-Optional task methods the pipeline uses when a task has them (tasks/addition.py has all four):
-``deduplicates(preset)`` (default True), ``shared_draw(preset)`` (default False: the meta file
-claims a shared draw only when the task says so), ``record_length(record_input)`` (Re-Tuning
-records are counted under the length of the sub-problem they pose; default: the problem's
-length) and ``fast_retuning(preset, rng, record_piece)`` (a bulk renderer, see tasks.addition.BulkRetuning).
+Besides the records, the pipeline asks the task ``deduplicates(preset)``, ``shared_draw(preset)``
+and ``record_length(record_input)`` (Re-Tuning records are counted under the length of the
+sub-problem they pose), and uses ``fast_retuning(preset, rng, record_piece)``, a bulk renderer,
+where a task has one (see tasks.addition.BulkRetuning).
 
 Files are JSON lists of ``{"input", "output"}`` records, the format of the paper's notebooks
 (``json.load`` reads theirs and ours alike), laid out one record a line so that they stream and
@@ -165,7 +164,7 @@ class GenericRecords:
         self.sizes: Counter[tuple[int, int, int]] = Counter()
 
     def length_of(self, problem: Any, record_input: str) -> int:
-        if self.method == "retuning" and hasattr(self.task, "record_length"):
+        if self.method == "retuning":
             return self.task.record_length(record_input)
         return self.task.length(problem)
 
@@ -193,7 +192,7 @@ class GenericRecords:
 
 def deduplicates(task: Task, method: str, preset: str) -> bool:
     """Re-Tuning records are de-duplicated unless the task says otherwise for the preset."""
-    return method == "retuning" and getattr(task, "deduplicates", lambda preset: True)(preset)
+    return method == "retuning" and task.deduplicates(preset)
 
 
 def training_source(task: Task, method: str, preset: str, seed: int):
@@ -281,7 +280,7 @@ def generate(task: Task, method: str, preset: str, seed: int, out_dir: str,
             "records_per_length": tally.per_length(),
             **tally.summary(),
             "tokenizer": TOKENIZER,
-            "shared_draw": bool(getattr(task, "shared_draw", lambda preset: False)(preset)),
+            "shared_draw": task.shared_draw(preset),
             "deduplicated": deduplicates(task, method, preset),
             "test_problems_per_length": {str(n): per_length[n] for n in train_lengths},
             "test_in_training_per_length": {str(n): test_in_training[n] for n in train_lengths},

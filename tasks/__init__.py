@@ -1,8 +1,15 @@
-"""Task registry: ``get_task("addition")`` returns the module-level task object."""
+"""Task registry: ``get_task("addition")`` returns the task object its module registered.
+
+A new task is one module that subclasses ``tasks.base.Task`` and calls ``register``; add its
+name to ``BUILTIN`` below (or import the module before calling ``get_task``).
+"""
 from __future__ import annotations
+
+import importlib
 
 from tasks.base import METHODS, Task
 
+BUILTIN = ("addition", "dp", "parity")
 _REGISTRY: dict[str, Task] = {}
 
 
@@ -24,14 +31,10 @@ def task_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    # Imported lazily so that each task module can import tasks.base without a cycle.
-    import importlib
-    for module in ("addition", "dp", "parity"):
-        try:
-            importlib.import_module(f"tasks.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"tasks.{module}":
-                raise
+    # Imported on first use, not at package import, so that each task module can import
+    # tasks.base and tasks.register without a cycle.
+    for module in BUILTIN:
+        importlib.import_module(f"tasks.{module}")
 
 
 __all__ = ["METHODS", "Task", "get_task", "register", "task_names"]

@@ -157,11 +157,6 @@ def scratchpad(a: str, b: str) -> str:
     return "\n".join(answer_text(carry, digits) for carry, digits in digit_sums(a, b))
 
 
-def call(sub_question: str) -> str:
-    """A Re-Tuning call line: ``call("3199 + 1439") == "Call: 3199 + 1439\\n"``."""
-    return protocol.CALL_TAG + sub_question + "\n"
-
-
 def combine(a: str, b: str, returned: str) -> str:
     """The Re-Tuning answer of ``a + b`` from the answer of its sub-problem (both without their
     first digit): ``combine("73199", "21439", "Carry 0, Output 4638") == "Carry 0, Output 94638"``."""
@@ -290,7 +285,7 @@ class AdditionTask(Task):
             return combine(a, b, returned[-1])
         if len(a) == 1:
             return answer_text(*digit_sums(a, b)[-1])
-        return call(question(a[1:], b[1:]))
+        return protocol.call_line(question(a[1:], b[1:]))
 
     # --- answers ------------------------------------------------------------------------------
     def parse_answer(self, text: str, method: str) -> int:
@@ -331,10 +326,10 @@ class BulkRetuning:
         self.rules, self.draw = rules, rng.random
         slot = "%s"
         sub = question(slot, slot)
-        self.call_piece = self._template(record_piece(protocol.pose(sub), call(sub)), 4)
+        self.call_piece = self._template(record_piece(protocol.pose(sub), protocol.call_line(sub)), 4)
         self.base_piece = self._template(record_piece(protocol.pose(sub), answer_text(slot, slot)), 4)
         self.combine_piece = self._template(record_piece(
-            protocol.append_return(protocol.pose(sub), call(sub), answer_text(slot, slot)),
+            protocol.append_return(protocol.pose(sub), protocol.call_line(sub), answer_text(slot, slot)),
             answer_text(slot, slot)), 8)
         # All by padded length k: the questions posed (as a + b), the drop probability and the
         # copies of a record, and the records written of each kind.
@@ -435,11 +430,11 @@ class BulkRetuning:
             zeros = "0" * k
             sub = question(zeros[1:], zeros[1:])
             if kind == "call":
-                record = protocol.pose(question(zeros, zeros)), call(sub)
+                record = protocol.pose(question(zeros, zeros)), protocol.call_line(sub)
             elif kind == "base":
                 record = protocol.pose(question(zeros, zeros)), answer_text(0, zeros)
             else:
-                record = (protocol.append_return(protocol.pose(question(zeros, zeros)), call(sub),
+                record = (protocol.append_return(protocol.pose(question(zeros, zeros)), protocol.call_line(sub),
                                                  answer_text(0, zeros[1:])), answer_text(0, zeros))
             yield k, len(record[0]), len(record[1]), copies
 

@@ -74,6 +74,19 @@ class Task:
         (SPEC sampling). ``lengths`` overrides the preset's problem lengths where that makes sense."""
         raise NotImplementedError
 
+    def shared_draw(self, preset: str) -> bool:
+        """Whether the three methods get the same problems from the same seed (meta records it)."""
+        return False
+
+    def deduplicates(self, preset: str) -> bool:
+        """Whether the preset's Re-Tuning records are de-duplicated by input (SPEC: yes)."""
+        return True
+
+    def record_length(self, record_input: str) -> int:
+        """The length of the (sub-)problem a Re-Tuning record's input poses, for per-length
+        counts: ``"007 + 234\\nSolution: "`` -> 3."""
+        raise NotImplementedError
+
     def retuning_copies(self, record_input: str, preset: str, rng: random.Random) -> int:
         """Copies kept of one distinct Re-Tuning record after de-duplication (0 drops it): the
         SPEC's per-record re-weighting. Called once per distinct input, in first-seen order."""

@@ -203,7 +203,7 @@ PROMPT_PATTERNS = {"baseline": template_pattern(BASELINE_PROMPT),
 def call(note: str, sub_question: str) -> str:
     """``call(DP_CALL_NOTE, "Create dp array [4]")`` ->
     ``"Call with array minus first element. Call: Create dp array [4]\\n"``."""
-    return note + protocol.CALL_TAG + sub_question + "\n"
+    return note + protocol.call_line(sub_question)
 
 
 def answer(note: str, listed: str) -> str:
@@ -290,9 +290,14 @@ class DPTask(Task):
         else:
             raise ValueError(f"unknown preset {preset!r} for dp; known: {', '.join(self.presets)}")
 
-    def retuning_copies(self, record_input: str, preset: str, rng: random.Random) -> int:
+    def record_length(self, record_input: str) -> int:
+        """The length of the first list in the input (SPEC 3 counts records so):
+        ``"Create dp array [-1, 4]\\nSolution: "`` -> 2."""
         start = record_input.index("[")
-        n = record_input.count(",", start, record_input.index("]", start)) + 1
+        return record_input.count(",", start, record_input.index("]", start)) + 1
+
+    def retuning_copies(self, record_input: str, preset: str, rng: random.Random) -> int:
+        n = self.record_length(record_input)
         if preset == "small":
             return SMALL_RETUNING_REPEATS.get(n, 1)
         if n >= PAPER_DROP_LENGTH and rng.random() < PAPER_DROP_PROBABILITY:

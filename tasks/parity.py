@@ -109,11 +109,6 @@ def scratchpad(bits: Bits) -> str:
     return " ".join([SCRATCHPAD_NOTE, *map(str, running_parities(bits))])
 
 
-def call(sub_question: str) -> str:
-    """A Re-Tuning call: ``"Call: What is the parity of [0, 1]?\\n"``."""
-    return protocol.CALL_TAG + sub_question + "\n"
-
-
 class ParityTask(Task):
     """Formats (SPEC section 4), for the list [1, 0, 1, 1]:
 
@@ -160,9 +155,13 @@ class ParityTask(Task):
                 for _ in range(repeats):
                     yield bits
 
-    def retuning_copies(self, record_input: str, preset: str, rng: random.Random) -> int:
+    def record_length(self, record_input: str) -> int:
+        """``"What is the parity of [1, 0, 1]?\\nSolution: "`` -> 3."""
         start = record_input.index("[")
-        n = (record_input.index("]", start) - start + 1) // 3  # "[1, 0, 1]": 3 characters a bit
+        return (record_input.index("]", start) - start + 1) // 3  # "[1, 0, 1]": 3 characters a bit
+
+    def retuning_copies(self, record_input: str, preset: str, rng: random.Random) -> int:
+        n = self.record_length(record_input)
         if preset == "small":
             return max(1, SMALL_RETUNING_LISTS // 2 ** n)
         keep = paper_keep_probability(n)
@@ -198,7 +197,7 @@ class ParityTask(Task):
             raise ValueError(f"unknown method {method!r}")
         returned = protocol.returned_answers(context)
         if not returned:
-            return str(bits[0]) if len(bits) == 1 else call(self.question(bits[1:]))
+            return str(bits[0]) if len(bits) == 1 else protocol.call_line(self.question(bits[1:]))
         return str((bits[0] + self.parse_answer(returned[0], method)) % 2)
 
     def records(self, problem: Bits, method: str) -> list[tuple[str, str]]:
@@ -211,7 +210,7 @@ class ParityTask(Task):
         listed = format_bits(problem)  # suffix k is "[" + listed[1 + 3k:], 3 characters a bit
         questions = [QUESTION.format(bits="[" + listed[1 + 3 * k:]) for k in range(n)]
         contexts = [protocol.pose(question) for question in questions]
-        calls = [call(question) for question in questions[1:]]
+        calls = [protocol.call_line(question) for question in questions[1:]]
         suffix_parities = running_parities(problem[::-1])[::-1]
         records = list(zip(contexts, calls))
         records.append((contexts[-1], str(problem[-1])))

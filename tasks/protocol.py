@@ -60,6 +60,11 @@ def find_call(completion: str) -> str | None:
     return sub_question
 
 
+def call_line(sub_question: str) -> str:
+    """The line that calls a sub-problem: ``call_line("3199 + 1439") == "Call: 3199 + 1439\\n"``."""
+    return CALL_TAG + sub_question + "\n"
+
+
 def append_return(context: str, completion: str, returned: str) -> str:
     """The parent's next context once its call came back with ``returned``::
 
