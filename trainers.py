@@ -70,7 +70,7 @@ class Trainer:
                    dynamic_ncols=True)
         if step == 0 and cfg.eval_at_start:
             self.evaluate(step)
-        stats, t0 = torch.zeros(5, dtype=torch.float64), time.perf_counter()  # nll, seqs, labels, tokens, computed
+        loss_sum, counts, t0 = self.zero_stats()
         while step < self.total_steps:
             batch = self.batch_at(step)
             lr = self.lr_at(step)
@@ -82,10 +82,10 @@ class Trainer:
                 last = k == len(parts) - 1
                 no_sync = self.model.no_sync if proc.distributed and not last else contextlib.nullcontext
                 with no_sync():
-                    nll, inputs = self.nll(self.train_data, indices, self.position_offsets(len(indices), step, k))
+                    nll = self.nll(self.train_data, indices, self.position_offsets(len(indices), step, k))
                     (nll * scale).backward()
-                stats += torch.tensor([nll.item(), len(indices), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(),
-                                       self.train_data.lengths[indices].sum(), inputs["labels"].numel()])
+                loss_sum += nll.detach()  # stays on the device: no sync per microbatch
+                counts += self.counts(self.train_data, indices)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -93,8 +93,8 @@ class Trainer:
             bar.update()
             records = step * cfg.batch_size
             if step % cfg.log_every == 0 or step == self.total_steps:
-                self.log_train(step, stats, grad_norm, lr, time.perf_counter() - t0, bar)
-                stats, t0 = torch.zeros(5, dtype=torch.float64), time.perf_counter()
+                self.log_train(step, loss_sum, counts, grad_norm, lr, time.perf_counter() - t0, bar)
+                loss_sum, counts, t0 = self.zero_stats()
             if self.crossed(records, cfg.eval_every) or step == self.total_steps:
                 self.evaluate(step)
             if self.crossed(records, cfg.save_every) and step < self.total_steps:
@@ -104,7 +104,7 @@ class Trainer:
 
     # --- pieces of a step --------------------------------------------------------------------
     def nll(self, data: TokenizedRecords, indices, position_offsets=None):
-        """Summed NLL of the output tokens of some records (and the padded inputs)."""
+        """Summed NLL of the output tokens of some records."""
         inputs = collate(data, indices, self.pad_id)
         input_ids = inputs["input_ids"].to(self.processes.device, non_blocking=True)
         labels = inputs["labels"].to(self.processes.device, non_blocking=True)
@@ -117,7 +117,17 @@ class Trainer:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll, inputs
+        return nll
+
+    def zero_stats(self):
+        return torch.zeros((), device=self.processes.device), np.zeros(4), time.perf_counter()
+
+    @staticmethod
+    def counts(data: TokenizedRecords, indices) -> np.ndarray:
+        """[records, loss tokens, real tokens, computed tokens (padding included)] of a microbatch."""
+        lengths = data.lengths[indices]
+        in_loss = lengths - np.maximum(data.prompt_lengths[indices], 1)
+        return np.array([len(indices), in_loss.sum(), lengths.sum(), lengths.max() * len(indices)])
 
     def loss_denominator(self, batch) -> float:
         """Sequences (``sum``) or output tokens (``mean``) in the whole global batch."""
@@ -154,12 +164,12 @@ class Trainer:
         data, size = self.eval_data, self.cfg.eval_batch_size
         order = np.argsort(data.lengths, kind="stable")  # little padding
         batches = [order[i:i + size] for i in range(0, len(order), size)][self.processes.rank::self.processes.world_size]
-        sums = torch.zeros(3, dtype=torch.float64)
+        loss_sum, counts, _ = self.zero_stats()
         for indices in batches:
-            nll, inputs = self.nll(data, indices)
-            sums += torch.tensor([nll.item(), len(indices), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()])
+            loss_sum += self.nll(data, indices)
+            counts += self.counts(data, indices)
         self.model.train()
-        nll, seqs, tokens = all_reduce_sum(sums.to(self.processes.device), self.processes).tolist()
+        nll, seqs, tokens = self.reduce(loss_sum, counts)[:3]
         values = {"eval/loss_per_sequence": nll / max(seqs, 1), "eval/loss_per_token": nll / max(tokens, 1)}
         values["eval/loss"] = values["eval/loss_per_sequence" if self.cfg.loss_reduction == "sum" else "eval/loss_per_token"]
         values["records"] = step * self.cfg.batch_size
@@ -169,8 +179,13 @@ class Trainer:
         self.logger.log(step, values)
         return values
 
-    def log_train(self, step, stats, grad_norm, lr, seconds, bar) -> None:
-        nll, seqs, labels, tokens, computed = all_reduce_sum(stats.to(self.processes.device), self.processes).tolist()
+    def reduce(self, loss_sum, counts) -> list[float]:
+        """[loss sum, records, loss tokens, real tokens, computed tokens] summed over processes."""
+        values = torch.cat([loss_sum.double().view(1), torch.from_numpy(counts).double().to(loss_sum.device)])
+        return all_reduce_sum(values, self.processes).tolist()
+
+    def log_train(self, step, loss_sum, counts, grad_norm, lr, seconds, bar) -> None:
+        nll, seqs, labels, tokens, computed = self.reduce(loss_sum, counts)
         values = {"records": step * self.cfg.batch_size, "epoch": step / self.steps_per_epoch,
                   "train/loss": nll / max(seqs if self.cfg.loss_reduction == "sum" else labels, 1),
                   "train/loss_per_token": nll / max(labels, 1), "lr": lr, "grad_norm": float(grad_norm),
