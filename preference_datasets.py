@@ -109,7 +109,7 @@ def load_splits(paths: list[str], n_eval_examples: int, seed: int):
     """Training and held-out records of several datasets, mixed.
 
     Each dataset's held-out records are its ``_test`` file when present, else a deterministic
-    (seeded) slice of ``n_eval_examples`` records taken out of its training records. The mixed
+    (seeded) slice of ``n_eval_examples`` records (at most a tenth) taken out of its training records. The mixed
     held-out set is cut to ``n_eval_examples`` by a seeded choice. Returns (train, eval) lists.
     """
     if not paths:
@@ -121,12 +121,10 @@ def load_splits(paths: list[str], n_eval_examples: int, seed: int):
         if test_path != path and os.path.isfile(test_path):
             held_out += read_records(test_path)
         elif n_eval_examples > 0:
-            if len(records) < 2 * n_eval_examples:
-                raise DatasetError(f"{path}: {len(records)} records, too few to hold out "
-                                   f"n_eval_examples={n_eval_examples} (and there is no {test_path})")
+            n_held = min(n_eval_examples, len(records) // 10)  # never more than a tenth of the data
             order = np.random.default_rng([seed, number, 1]).permutation(len(records))
-            held_out += [records[i] for i in order[:n_eval_examples]]
-            records = [records[i] for i in sorted(order[n_eval_examples:])]
+            held_out += [records[i] for i in order[:n_held]]
+            records = [records[i] for i in sorted(order[n_held:])]
         train += records
     if len(held_out) > n_eval_examples:
         keep = np.random.default_rng([seed, 2]).choice(len(held_out), n_eval_examples, replace=False)
@@ -162,6 +160,9 @@ def tokenize_records(records: list[tuple[str, str]], tokenizer, max_length: int,
     A prompt longer than ``max_prompt_length`` keeps its end (the part next to the output); then
     an output that would pass ``max_length`` is cut. Such records are counted in ``n_truncated``.
     """
+    if not records:
+        empty = np.zeros(0, dtype=np.int64)
+        return TokenizedRecords(empty, empty, empty, empty)
     prompts = tokenizer([r[0] for r in records], add_special_tokens=False)["input_ids"]
     outputs = tokenizer([r[1] for r in records], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id

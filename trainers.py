@@ -62,6 +62,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id
         self.label_counts = train_data.label_counts()
         self.start_step, self._plan_epoch, self._plan = 0, None, None
+        self.loss_denominator(np.arange(1)), self.lr_at(0)  # a misspelt option fails before any work
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
@@ -160,6 +161,8 @@ class Trainer:
     # --- evaluation and logging --------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
+        if len(self.eval_data) == 0:
+            return {}
         self.model.eval()
         data, size = self.eval_data, self.cfg.eval_batch_size
         order = np.argsort(data.lengths, kind="stable")  # little padding

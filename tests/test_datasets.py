@@ -84,11 +84,12 @@ def test_held_out_records_come_from_the_test_file_else_a_seeded_slice(tmp_path):
     assert len(train) == len(records) and held_out == [(r["input"], r["output"]) for r in test]
 
     no_test = write_dataset(tmp_path, "n", records)
-    train, held_out = load_splits([no_test], n_eval_examples=30, seed=0)
-    assert len(held_out) == 30 and len(train) == len(records) - 30
+    train, held_out = load_splits([no_test], n_eval_examples=12, seed=0)
+    assert len(held_out) == 12 and len(train) == len(records) - 12
     assert sorted(train + held_out) == sorted((r["input"], r["output"]) for r in records)
-    assert load_splits([no_test], 30, seed=0) == (train, held_out)
-    assert load_splits([no_test], 30, seed=1)[1] != held_out
+    assert load_splits([no_test], 12, seed=0) == (train, held_out)
+    assert load_splits([no_test], 12, seed=1)[1] != held_out
+    assert len(load_splits([no_test], 1000, seed=0)[1]) == len(records) // 10  # at most a tenth
 
     # Two datasets are mixed; the held-out set is cut to n_eval_examples.
     train, held_out = load_splits([with_test, no_test], n_eval_examples=5, seed=0)

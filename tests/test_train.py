@@ -196,3 +196,13 @@ def test_every_model_config_composes_with_the_papers_key_names(model):
         assert (cfg.n_examples, cfg.n_epochs, cfg.eval_every, cfg.loss_reduction) == (500000, 5, 7936, "sum")
     if model.startswith("llama"):
         assert list(cfg.model.lora_target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_without_held_out_records_no_eval_loss_is_invented_and_bad_options_fail_early(tmp_path):
+    plain = write_dataset(tmp_path, "plain", addition_records(random.Random(0), [1, 2], 10))  # no _test file
+    run_dir = run(config(tmp_path, plain, "n_eval_examples=0", "n_examples=16"))
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert rows and not [row for row in rows if "eval/loss" in row]
+    with pytest.raises(ValueError, match="loss_reduction must be 'sum' or 'mean'"):
+        run(config(tmp_path, plain, "n_eval_examples=0", "loss_reduction=average", name="bad"))
+    assert not os.path.exists(tmp_path / "bad" / "final")
