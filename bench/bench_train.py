@@ -29,19 +29,19 @@ from tasks.base import METHODS  # noqa: E402
 from train import build, compose_config  # noqa: E402
 
 
-def dataset_paths(args, folder: str) -> dict[str, str]:
+def dataset_paths(task: str, args, folder: str) -> dict[str, str]:
     """The training file of each method, generated into ``folder`` unless --data-dir has them."""
     source = args.data_dir or folder
     if not args.data_dir:
-        subprocess.run([sys.executable, os.path.join(ROOT, "data_generation", "generate.py"), "--task", args.task,
+        subprocess.run([sys.executable, os.path.join(ROOT, "data_generation", "generate.py"), "--task", task,
                         "--preset", args.preset, "--seed", str(args.seed), "--out-dir", folder],
                        check=True, stdout=subprocess.DEVNULL)
-    paths = {m: os.path.join(source, f"{args.task}_{m}_{args.preset}_train.json") for m in METHODS}
+    paths = {m: os.path.join(source, f"{task}_{m}_{args.preset}_train.json") for m in METHODS}
     return {m: p for m, p in paths.items() if os.path.isfile(p)}
 
 
-def tokens_per_record(paths: dict[str, str], tokenizer) -> None:
-    print(f"\nTokens per record (character tokenizer; EOS counted; loss tokens = output + EOS)")
+def tokens_per_record(task: str, paths: dict[str, str], tokenizer) -> None:
+    print(f"\n{task}: tokens per record (character tokenizer; EOS counted; loss tokens = output + EOS)")
     print(f"{'method':<11}{'records':>9}{'problems':>9}{'mean tok':>10}{'max tok':>9}{'mean loss tok':>15}"
           f"{'tokens/problem':>16}")
     for method, path in paths.items():
@@ -78,7 +78,8 @@ def throughput(path: str, args, folder: str, grouped: bool, round_: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="addition")
+    parser.add_argument("--task", default="addition", help="the task of the throughput runs")
+    parser.add_argument("--token-tasks", default="addition,dp,parity", help="tasks of the tokens-per-record table")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--data-dir", help="use <task>_<method>_<preset>_train.json files from here")
     parser.add_argument("--method", default="retuning", help="the training file the throughput runs use")
@@ -91,10 +92,12 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
-        paths = dataset_paths(args, folder)
+        tokenizer = build_char_tokenizer()
+        for task in [t for t in args.token_tasks.split(",") if t]:
+            tokens_per_record(task, dataset_paths(task, args, folder), tokenizer)
+        paths = dataset_paths(args.task, args, folder)
         if args.method not in paths:
             sys.exit(f"error: no {args.method} training file for {args.task} / {args.preset}")
-        tokens_per_record(paths, build_char_tokenizer())
         results = {True: [], False: []}
         for round_ in range(args.rounds):
             for grouped in (True, False):

@@ -1,5 +1,4 @@
 """Reading, validating, tokenizing and batching training records (preference_datasets.py)."""
-import json
 import random
 
 import numpy as np
