@@ -194,6 +194,8 @@ class Trainer:
                   "train/loss_per_token": nll / max(labels, 1), "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens / seconds, "records_per_s": seqs / seconds,
                   "padding_share": 1 - tokens / max(computed, 1)}
+        if self.processes.device.type == "cuda":
+            values["cuda_max_memory_gb"] = torch.cuda.max_memory_allocated(self.processes.device) / 2**30
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if self.processes.is_main:
             tqdm.write(f"step {step}: loss {values['train/loss']:.4f} | lr {lr:.2e} | grad norm {values['grad_norm']:.2f} | "
