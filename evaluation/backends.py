@@ -22,6 +22,7 @@ A vLLM backend would implement ``generate`` the same way (its prefix cache does 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -133,6 +134,62 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=None)
+def _buffer_layer_class():
+    """A cache layer holding a batch's keys and values in zero-filled buffers sized, up front, for
+    every token the batch will see. Like transformers' ``StaticLayer`` it hands attention the
+    whole buffer and reports the buffer's width as the mask width (columns not yet written are
+    masked out). A decoding step then writes one column instead of copying the cache
+    (``DynamicLayer`` concatenates every step), and attention reads a contiguous tensor, which
+    on a CPU is several times faster than a slice of one. Built on first use so that importing
+    this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self.keys, self.values, self.length = keys, values, length
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self.keys.shape[-2]:
+                raise RuntimeError(f"cache buffer of {self.keys.shape[-2]} columns cannot take {end}")
+            self.keys[:, :, self.length:end] = key_states
+            self.values[:, :, self.length:end] = value_states
+            self.length = end
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.keys.shape[-2], 0
+
+        def batch_select_indices(self, indices):
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+        def make_room(self, columns: int, chunk: int) -> None:
+            """Grow the buffers, ``chunk`` columns at a time, until ``columns`` more fit."""
+            missing = self.length + columns - self.keys.shape[-2]
+            if missing > 0:
+                extra = -(-missing // chunk) * chunk
+                pad = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (extra, t.shape[3]))], dim=2)  # noqa: E731
+                self.keys, self.values = pad(self.keys), pad(self.values)
+
+    return BufferLayer
+
+
+def _buffer_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int):
+    """A ``DynamicCache`` of buffer layers; ``layers`` are the (keys, values) buffers per layer,
+    their first ``length`` columns already filled."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.layers = [_buffer_layer_class()(keys, values, length) for keys, values in layers]
+    return cache
+
+
 class HFBackend(Backend):
     """A Hugging Face causal LM generating many contexts at once.
 
@@ -149,18 +206,34 @@ class HFBackend(Backend):
     that does not fit is recomputed when continued.
     """
 
+    # Cache buffers grow by this many columns: attention reads at most this many unused ones.
+    ROOM_CHUNK = 16
+
     def __init__(self, model, tokenizer, batch_size: int = 64, temperature: float = 0.0,
-                 seed: int = 0, reuse_cache: bool = True, cache_budget_tokens: int | None = None):
+                 seed: int = 0, reuse_cache: bool = True, cache_budget_tokens: int | None = None,
+                 attn_implementation: str | None = "auto"):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
+        if attn_implementation == "auto":
+            # On a CPU, eager attention reads the strided cache buffers about twice as fast as
+            # sdpa (bench/bench_engine.py); on a GPU the model keeps what it was loaded with.
+            attn_implementation = "eager" if self.device.type == "cpu" else None
+        if attn_implementation and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(attn_implementation)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.temperature = temperature
-        self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
         self.eos_tensor = torch.tensor(sorted(self.eos_ids), device=self.device)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
-        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        text_config = model.config.get_text_config()
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.layer_count = text_config.num_hidden_layers
+        self.kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or \
+            text_config.hidden_size // text_config.num_attention_heads
+        self.dtype = next(model.parameters()).dtype
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.reuse_cache = reuse_cache
         self.cache_budget_tokens = cache_budget_tokens
@@ -199,8 +272,8 @@ class HFBackend(Backend):
             reused = min(_common_prefix(parent.ids, ids), len(ids) - 1) if parent else 0
             rows.append((index, ids, parent if reused else None, reused, budget))
 
-        # Rows that encode about as many new tokens, and have about as long a past, share a batch.
-        rows.sort(key=lambda row: (len(row[1]) - row[3], row[3]))
+        # Rows of about the same length share a batch: decoding attends over the longest row.
+        rows.sort(key=lambda row: (len(row[1]), row[3]))
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
             for (index, *_), completion in zip(batch, self._generate_batch(batch, requests)):
@@ -209,9 +282,13 @@ class HFBackend(Backend):
 
     # --- one batch ------------------------------------------------------------------------
     def _generate_batch(self, batch, requests) -> list[Completion]:
+        """Prefill a batch (``[pad | reused past | pad | new]`` per row), pack each row's cache
+        to the right (``[pad | real]``) so decoding attends over no hole, then decode until every
+        row has written EOS or used its budget."""
         device, size = self.device, len(batch)
         past_len = max(row[3] for row in batch)
         new_len = max(len(row[1]) - row[3] for row in batch)
+        longest_budget = max(row[4] for row in batch)
 
         input_ids = torch.full((size, new_len), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((size, past_len + new_len), dtype=torch.long, device=device)
@@ -222,56 +299,82 @@ class HFBackend(Backend):
             mask[b, past_len - reused:past_len] = 1
             mask[b, past_len + new_len - len(new):] = 1
             positions[b, new_len - len(new):] = torch.arange(reused, len(ids), device=device)
-        cache = self._stack_past(batch, past_len)
-
+        cache = self._stack_past(batch, past_len, new_len + self.ROOM_CHUNK)
         output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = output.past_key_values
-        logits = output.logits[:, -1, :]
+        cache, logits = output.past_key_values, output.logits[:, -1, :]
+        if past_len:
+            mask = self._pack_right(cache, mask, self.ROOM_CHUNK)
         last_position = positions[:, -1]
 
-        alive = list(range(size))  # batch rows still generating, in the order of the tensors
+        slots = list(range(size))  # the batch row held in each slot of the tensors
+        live = [True] * size       # finished rows stay in the tensors until enough have finished
         generated: list[list[int]] = [[] for _ in range(size)]
         completions: list[Completion | None] = [None] * size
         while True:
             next_tokens = self._pick(logits)
             is_eos = torch.isin(next_tokens, self.eos_tensor).tolist()
             next_list = next_tokens.tolist()
-            keep = []
-            for slot, b in enumerate(alive):
+            for slot, b in enumerate(slots):
+                if not live[slot]:
+                    continue
                 index, ids, _, reused, budget = batch[b]
                 if is_eos[slot]:
-                    hit_eos, done = True, True
+                    hit_eos = True
                 else:
                     generated[b].append(next_list[slot])
-                    hit_eos, done = False, len(generated[b]) >= budget
-                if not done:
-                    keep.append(slot)
-                    continue
+                    hit_eos = False
+                    if len(generated[b]) < budget:
+                        continue
+                live[slot] = False
                 request = requests[index]
                 if request.key is not None and self.reuse_cache:
                     # The cache covers the prompt and every generated token but the last one
                     # (the last was sampled, never fed): exactly the text a continuation extends.
                     fed = generated[b] if hit_eos else generated[b][:-1]
-                    self._keep(request.key, ids + fed, cache, mask, slot)
+                    self._keep(request.key, ids + fed, cache, slot)
                 completions[b] = Completion(
                     text=_decode_continuation(self.tokenizer, ids, generated[b]),
                     n_generated=len(generated[b]) + int(hit_eos), hit_eos=hit_eos,
                     prompt_tokens=len(ids), prompt_tokens_computed=len(ids) - reused)
-            if not keep:
+            alive = sum(live)
+            if not alive:
                 return completions
-            if len(keep) < len(alive):
-                selected = torch.tensor(keep, device=device)
+            if len(slots) - alive >= max(1, len(slots) // 4):
+                # Copying the cache costs about as much as a step: drop finished rows in bulk.
+                selected = torch.tensor([slot for slot in range(len(slots)) if live[slot]], device=device)
                 cache.batch_select_indices(selected)
                 mask, last_position = mask[selected], last_position[selected]
                 next_tokens = next_tokens[selected]
-                alive = [alive[slot] for slot in keep]
-            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], 1)
+                slots = [slots[slot] for slot in range(len(slots)) if live[slot]]
+                live = [True] * len(slots)
+            mask = torch.cat([mask, torch.ones((len(slots), 1), dtype=mask.dtype, device=device)], 1)
             last_position = last_position + 1
+            for layer in cache.layers:
+                layer.make_room(1, self.ROOM_CHUNK)
             output = self.model(input_ids=next_tokens[:, None], attention_mask=mask,
                                 position_ids=last_position[:, None], past_key_values=cache,
                                 use_cache=True)
             cache, logits = output.past_key_values, output.logits[:, -1, :]
+
+    def _pack_right(self, cache, mask: torch.Tensor, room: int) -> torch.Tensor:
+        """Move each row's real columns to the right end of the filled part of the cache, in
+        order, dropping the hole between its reused past and its new tokens; returns the
+        matching mask. Positions are inside the keys (rotary), so moving columns is harmless."""
+        lengths = mask.sum(dim=1)
+        width = int(lengths.max())
+        # Pad columns sort first, then the real ones in their order; keep the last ``width``.
+        source = torch.sort(mask, dim=1, stable=True).indices[:, -width:]
+        packed_mask = (torch.arange(width, device=mask.device)[None, :] >= (width - lengths)[:, None]).long()
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                full = getattr(layer, name)
+                index = source[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
+                buffer = full.new_zeros(full.shape[:2] + (width + room, full.shape[3]))
+                buffer[:, :, :width] = torch.gather(full[:, :, :layer.length], 2, index)
+                setattr(layer, name, buffer)
+            layer.length = width
+        return packed_mask
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:
@@ -280,33 +383,29 @@ class HFBackend(Backend):
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
     # --- cache bookkeeping ----------------------------------------------------------------
-    def _stack_past(self, batch, past_len: int):
-        """A batch's past: each reused prefix right-aligned in ``past_len`` columns, zeros before."""
-        if past_len == 0:
-            return None
-        from transformers import DynamicCache
-        first = next(row[2] for row in batch if row[2] is not None)
+    def _stack_past(self, batch, past_len: int, room: int):
+        """The batch's cache: zero buffers of ``past_len + room`` columns, each row's reused
+        prefix right-aligned in the first ``past_len`` columns."""
         layers = []
-        for layer, (key0, value0) in enumerate(first.layers):
-            heads, _, dim = key0.shape
-            keys = key0.new_zeros((len(batch), heads, past_len, dim))
-            values = value0.new_zeros((len(batch), heads, past_len, value0.shape[-1]))
+        for layer in range(self.layer_count):
+            keys = torch.zeros((len(batch), self.kv_heads, past_len + room, self.head_dim),
+                               dtype=self.dtype, device=self.device)
+            values = torch.zeros_like(keys)
             for b, (_, _, entry, reused, _) in enumerate(batch):
                 if entry is not None:
-                    keys[b, :, past_len - reused:] = entry.layers[layer][0][:, :reused]
-                    values[b, :, past_len - reused:] = entry.layers[layer][1][:, :reused]
+                    keys[b, :, past_len - reused:past_len] = entry.layers[layer][0][:, :reused]
+                    values[b, :, past_len - reused:past_len] = entry.layers[layer][1][:, :reused]
             layers.append((keys, values))
-        return DynamicCache(ddp_cache_data=layers)
+        return _buffer_cache(layers, past_len)
 
-    def _keep(self, key, ids: list[int], cache, mask: torch.Tensor, slot: int) -> None:
+    def _keep(self, key, ids: list[int], cache, slot: int) -> None:
+        """Copy row ``slot``'s cache (the last ``len(ids)`` filled columns) out of the batch."""
         if self.cache_budget_tokens is not None and \
                 self._cached_tokens + len(ids) > self.cache_budget_tokens:
             return
-        real = mask[slot].bool()
-        layers = [(layer.keys[slot][:, real].clone(), layer.values[slot][:, real].clone())
-                  for layer in cache.layers]
-        if layers[0][0].shape[1] != len(ids):  # a cache layout this backend does not know
-            return
+        end = cache.layers[0].length
+        layers = [(layer.keys[slot, :, end - len(ids):end].clone(),
+                   layer.values[slot, :, end - len(ids):end].clone()) for layer in cache.layers]
         self.release([key])
         self._cache[key] = _CachedContext(ids, layers)
         self._cached_tokens += len(ids)
