@@ -80,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--lengths", default="2-20")
     parser.add_argument("--samples", type=int, default=20, help="problems per length")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-sequential", action="store_true", help="batched runs only (no ratio)")
     args = parser.parse_args(argv)

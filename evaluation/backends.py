@@ -107,15 +107,26 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _decode_continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text ``new_ids`` add after ``prompt_ids``. Decoding them alone can lose a leading
-    space with sentencepiece tokenizers, so decode the whole and cut the prompt's text off."""
-    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True,
-                             clean_up_tokenization_spaces=False)
-    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    if whole.startswith(prompt):
-        return whole[len(prompt):]
-    return tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+def _decodes_piecewise(tokenizer) -> bool:
+    """Whether decoding a continuation's ids alone gives exactly the text they add after a prompt
+    (true of the character tokenizer; sentencepiece tokenizers can drop a leading space)."""
+    probes = [("9 + 9\nSolution: ", "Call: 7 + 3\n"), ("Answer: ", " [1, 2]"), ("x", " y z"), ("a\n", "\nb ")]
+    for prompt, text in probes:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        new_ids = tokenizer(prompt + text, add_special_tokens=False)["input_ids"][len(prompt_ids):]
+        if _decode_slowly(tokenizer, prompt_ids, new_ids) != _decode(tokenizer, new_ids):
+            return False
+    return True
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _decode_slowly(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after ``prompt_ids``: the whole decoded, the prompt's text cut off."""
+    whole, prompt = _decode(tokenizer, prompt_ids + new_ids), _decode(tokenizer, prompt_ids)
+    return whole[len(prompt):] if whole.startswith(prompt) else _decode(tokenizer, new_ids)
 
 
 @dataclass
@@ -236,6 +247,7 @@ class HFBackend(Backend):
         self.dtype = next(model.parameters()).dtype
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.reuse_cache = reuse_cache
+        self.piecewise = _decodes_piecewise(tokenizer)
         self.cache_budget_tokens = cache_budget_tokens
         self._cache: dict[Hashable, _CachedContext] = {}
         self._cached_tokens = 0
@@ -334,7 +346,7 @@ class HFBackend(Backend):
                     fed = generated[b] if hit_eos else generated[b][:-1]
                     self._keep(request.key, ids + fed, cache, slot)
                 completions[b] = Completion(
-                    text=_decode_continuation(self.tokenizer, ids, generated[b]),
+                    text=self._continuation_text(ids, generated[b]),
                     n_generated=len(generated[b]) + int(hit_eos), hit_eos=hit_eos,
                     prompt_tokens=len(ids), prompt_tokens_computed=len(ids) - reused)
             alive = sum(live)
@@ -375,6 +387,11 @@ class HFBackend(Backend):
                 setattr(layer, name, buffer)
             layer.length = width
         return packed_mask
+
+    def _continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        if self.piecewise:
+            return _decode(self.tokenizer, new_ids)
+        return _decode_slowly(self.tokenizer, prompt_ids, new_ids)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:
@@ -441,6 +458,6 @@ class HFSequentialBackend(Backend):
                 pad_token_id=self.pad_id, use_cache=True, **sampling)[0, len(ids):].tolist()
             hit_eos = bool(output) and output[-1] in self.eos_ids
             new_ids = output[:-1] if hit_eos else output
-            completions.append(Completion(_decode_continuation(self.tokenizer, ids, new_ids),
+            completions.append(Completion(_decode_slowly(self.tokenizer, ids, new_ids),
                                           len(output), hit_eos, len(ids), len(ids)))
         return completions

@@ -131,7 +131,8 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
                         batch_size: int | None = None, temperature: float = 0.0,
                         device: str = "auto", dtype: str = "auto", out: str | None = None,
                         train_lengths=None, limits: dict | None = None, reuse_cache: bool = True,
-                        sequential: bool = False, oracle: bool = False, progress: bool = True) -> dict:
+                        sequential: bool = False, oracle: bool = False, progress: bool = True,
+                        kv_cache_budget: int | None = None) -> dict:
     """Evaluate a checkpoint (or, with ``oracle``, the task's oracle) and write
     ``<out>/results.json`` and ``<out>/accuracy.png``; returns the results dict."""
     from tasks import get_task
@@ -171,7 +172,7 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
         backend = OracleBackend(task, method)
     else:
         backend = _model_backend(checkpoint_dir, device, dtype, batch_size, temperature, seed,
-                                 reuse_cache, sequential, info)
+                                 reuse_cache, sequential, info, kv_cache_budget)
     info.update(method=method, train_lengths=trained, length_label=config.get("length_label"),
                 temperature=temperature, batch_size=batch_size, run_name=run_name,
                 kv_reuse=reuse_cache and not sequential)
@@ -182,7 +183,8 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
 
 
 def _model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: int, temperature: float,
-                   seed: int, reuse_cache: bool, sequential: bool, info: dict):
+                   seed: int, reuse_cache: bool, sequential: bool, info: dict,
+                   kv_cache_budget: int | None = None):
     import torch
     from evaluation.backends import HFBackend, HFSequentialBackend
     from modeling import load_checkpoint
@@ -195,7 +197,7 @@ def _model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: in
     if sequential:
         return HFSequentialBackend(model, tokenizer, temperature=temperature)
     return HFBackend(model, tokenizer, batch_size=batch_size, temperature=temperature, seed=seed,
-                     reuse_cache=reuse_cache)
+                     reuse_cache=reuse_cache, cache_budget_tokens=kv_cache_budget)
 
 
 def write_results(results: dict, out_dir: Path) -> None:
@@ -235,6 +237,9 @@ def build_parser(task_name: str) -> argparse.ArgumentParser:
                                                            "1.5 x the oracle's longest + 16)")
     parser.add_argument("--no-kv-reuse", action="store_true",
                         help="re-encode every continuation instead of reusing its parent's cache")
+    parser.add_argument("--kv-cache-budget", type=int, metavar="TOKENS",
+                        help="most tokens of suspended contexts' KV caches kept for reuse (default: "
+                             "no bound; set one for large models, whose deep recursions hold many)")
     parser.add_argument("--sequential", action="store_true",
                         help="one problem and one context at a time with model.generate (slow reference)")
     parser.add_argument("--show-trace", type=int, metavar="N",
@@ -263,7 +268,7 @@ def main(task_name: str, argv: list[str] | None = None) -> dict | None:
             task_name, args.checkpoint, args.method, args.lengths, args.samples, args.seed,
             args.batch_size, args.temperature, args.device, args.dtype, args.out, args.train_lengths,
             limits, reuse_cache=not args.no_kv_reuse, sequential=args.sequential, oracle=args.oracle,
-            progress=not args.quiet)
+            progress=not args.quiet, kv_cache_budget=args.kv_cache_budget)
     except ValueError as error:  # bad --lengths and the like: one line, no traceback
         raise SystemExit(f"error: {error}")
     print(summary_table(results))

@@ -147,3 +147,20 @@ def test_trained_model_batched_engine_equals_one_problem_at_a_time():
     assert sum(r.correct for r in batched) >= 5
     assert sum(r.prompt_tokens_computed for r in batched) < 0.8 * sum(r.prompt_tokens for r in batched)
     assert sum(r.prompt_tokens_computed for r in reference) == sum(r.prompt_tokens for r in reference)
+
+
+def test_a_cache_budget_bounds_kept_tokens_and_changes_no_text(random_model):
+    model, tokenizer = random_model
+    first_requests = [Request(c, 6, key=i) for i, c in enumerate(CONTEXTS)]
+    outputs = {}
+    for budget in (None, 40):
+        backend = HFBackend(model, tokenizer, cache_budget_tokens=budget)
+        first = backend.generate(first_requests)
+        if budget is not None:
+            assert backend._cached_tokens <= budget and 0 < len(backend._cache) < len(CONTEXTS)
+        continuations = [Request(c + f.text + "Return: 2\nAnswer: ", 6, parent=i)
+                         for i, (c, f) in enumerate(zip(CONTEXTS, first))]
+        outputs[budget] = backend.generate(continuations)
+    assert texts(outputs[None]) == texts(outputs[40])
+    assert sum(c.prompt_tokens_computed for c in outputs[40]) > \
+        sum(c.prompt_tokens_computed for c in outputs[None])
