@@ -58,6 +58,16 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
     return train_path
 
 
+def training_budget(settings: DictConfig, train_path: str) -> dict:
+    """``n_examples`` giving every method the same number of training tokens (``train_tokens``;
+    null: train.py's own budget), so the three methods get the same compute."""
+    if not settings.get("train_tokens"):
+        return {}
+    with open(train_path.replace("_train.json", "_meta.json")) as handle:
+        tokens_per_record = json.load(handle)["tokens"]["mean"]
+    return {"n_examples": round(settings.train_tokens / tokens_per_record)}
+
+
 def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> None:
     """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
     peak resident memory beside the run's ``final/``."""
@@ -65,7 +75,7 @@ def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> No
         return
     args = [sys.executable, os.path.join(REPO_ROOT, "train.py"), f"model={cfg.model}",
             f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}", f"run_dir={run_dir}",
-            f"seed={cfg.seed}", *[f"{key}={value}" for key, value in overrides.items()], *cfg.train_args]
+            f"seed={cfg.seed}", *[f"{key}={value}" for key, value in overrides.items()]]
     if os.path.isdir(run_dir):
         args.append(f"resume={run_dir}")
     tqdm.write(" ".join(args[1:]))
@@ -163,7 +173,9 @@ def main(cfg: DictConfig) -> None:
             train_path = make_data(cfg, name, method, preset, settings)
             steps.update()
             run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}")
-            overrides = {**settings.train.get("common", {}), **settings.train.get(method, {})}
+            overrides = {**training_budget(settings, train_path), **settings.train.get("common", {}),
+                         **settings.train.get(method, {}),
+                         **dict(arg.split("=", 1) for arg in cfg.train_args)}
             steps.set_postfix_str(f"{name} {method}: training")
             train(cfg, run_dir, train_path, overrides)
             steps.update()

@@ -56,8 +56,8 @@ def test_files_layout_and_meta_match_the_records(small):
         meta = load(small, "addition", method, "small", "meta")
         assert (meta["task"], meta["method"], meta["preset"], meta["seed"]) == ("addition", method, "small", 0)
         assert meta["n_train"] == len(train) == len(lines) - 3 and meta["n_test"] == len(test)
-        assert meta["n_train_problems"] == 3150 and meta["shared_draw"] is True
-        assert meta["train_lengths"] == list(range(1, 9))
+        assert meta["n_train_problems"] == 6400 and meta["shared_draw"] is True
+        assert meta["train_lengths"] == list(range(1, 7))
         lengths = Counter(len(question_of(method, row["input"]).split(" + ")[0]) for row in train)
         assert meta["records_per_length"] == {str(n): lengths[n] for n in sorted(lengths)}
         sizes = [len(row["input"]) + len(row["output"]) for row in train]
@@ -68,7 +68,7 @@ def test_files_layout_and_meta_match_the_records(small):
         assert "character-level" in meta["tokenizer"]
         assert sum(meta["test_problems_per_length"].values()) == meta["n_test_problems"]
         assert meta["deduplicated"] is (method == "retuning")
-    assert load(small, "addition", "baseline", "small", "meta")["n_train"] == 3150
+    assert load(small, "addition", "baseline", "small", "meta")["n_train"] == 6400
     assert 20_000 <= load(small, "addition", "retuning", "small", "meta")["n_train"] <= 50_000
 
 
