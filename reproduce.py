@@ -59,13 +59,16 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
 
 
 def training_budget(settings: DictConfig, train_path: str) -> dict:
-    """``n_examples`` giving every method the same number of training tokens (``train_tokens``;
-    null: train.py's own budget), so the three methods get the same compute."""
-    if not settings.get("train_tokens"):
+    """The same compute for every method: ``train_steps`` optimizer steps of about
+    ``tokens_per_step`` tokens each, so a method with short records (the baseline) gets larger
+    batches and one with long records (the scratchpad) smaller ones. Empty (train.py's own batch
+    and budget) when ``train_steps`` is null."""
+    if not settings.get("train_steps"):
         return {}
     with open(train_path.replace("_train.json", "_meta.json")) as handle:
         tokens_per_record = json.load(handle)["tokens"]["mean"]
-    return {"n_examples": round(settings.train_tokens / tokens_per_record)}
+    batch_size = max(1, round(settings.tokens_per_step / tokens_per_record))
+    return {"batch_size": batch_size, "n_examples": batch_size * settings.train_steps}
 
 
 def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> None:

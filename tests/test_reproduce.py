@@ -8,7 +8,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOY = [
-    "task=addition", "tasks.addition.small.lengths=1-2", "tasks.addition.small.train_tokens=null", "tasks.addition.small.eval_lengths=1-3",
+    "task=addition", "tasks.addition.small.lengths=1-2", "tasks.addition.small.train_steps=null", "tasks.addition.small.eval_lengths=1-3",
     "tasks.addition.small.eval_samples=2", "eval.batch_size=16",
     # A very small model and a few steps: this checks the plumbing, not the science.
     "train_args=[" + ",".join(f"'{item}'" for item in [
