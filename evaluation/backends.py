@@ -312,8 +312,9 @@ class HFBackend(Backend):
             mask[b, past_len + new_len - len(new):] = 1
             positions[b, new_len - len(new):] = torch.arange(reused, len(ids), device=device)
         cache = self._stack_past(batch, past_len, new_len + self.ROOM_CHUNK)
-        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+        output = self.model(input_ids=input_ids, attention_mask=self._attention_mask(mask, cache, new_len),
+                            position_ids=positions, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
         cache, logits = output.past_key_values, output.logits[:, -1, :]
         if past_len:
             mask = self._pack_right(cache, mask, self.ROOM_CHUNK)
@@ -364,7 +365,8 @@ class HFBackend(Backend):
             last_position = last_position + 1
             for layer in cache.layers:
                 layer.make_room(1, self.ROOM_CHUNK)
-            output = self.model(input_ids=next_tokens[:, None], attention_mask=mask,
+            output = self.model(input_ids=next_tokens[:, None],
+                                attention_mask=self._attention_mask(mask, cache, 1),
                                 position_ids=last_position[:, None], past_key_values=cache,
                                 use_cache=True)
             cache, logits = output.past_key_values, output.logits[:, -1, :]
@@ -387,6 +389,28 @@ class HFBackend(Backend):
                 setattr(layer, name, buffer)
             layer.length = width
         return packed_mask
+
+    def _attention_mask(self, mask: torch.Tensor, cache, query_len: int) -> torch.Tensor:
+        """The 4D mask over the cache buffers for ``query_len`` new tokens, built here because
+        transformers' generic mask builder costs as much as a small model's layer each step.
+        ``mask`` (2D, 1 = real token) covers the filled columns plus the new ones; the rest of
+        the buffer is masked. eager attention takes it additive, sdpa boolean; any other
+        implementation gets the 2D mask and builds its own."""
+        kind = getattr(self.model.config, "_attn_implementation", None)
+        if kind not in ("eager", "sdpa"):
+            return mask
+        width, filled = cache.layers[0].keys.shape[-2], mask.shape[1]
+        allowed = torch.zeros((mask.shape[0], width), dtype=torch.bool, device=mask.device)
+        allowed[:, :filled] = mask.bool()
+        allowed = allowed[:, None, None, :]
+        if query_len > 1:  # causal among the new tokens, which fill the last query_len columns
+            columns = torch.arange(width, device=mask.device)
+            last_visible = filled - query_len + torch.arange(query_len, device=mask.device)
+            allowed = allowed & (columns[None, :] <= last_visible[:, None])[None, None]
+        if kind == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=mask.device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)
 
     def _continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         if self.piecewise:
