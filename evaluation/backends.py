@@ -32,12 +32,14 @@ import torch
 @dataclass
 class Request:
     """One context to complete. ``key``: keep this context's cache under that key (the engine
-    will continue it); ``parent``: the key of a cached context this one extends."""
+    will continue it), only if ``keep_if(completion text)`` when given; ``parent``: the key of a
+    cached context this one extends."""
 
     context: str
     max_new_tokens: int = 256
     key: Hashable | None = None
     parent: Hashable | None = None
+    keep_if: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -344,14 +346,15 @@ class HFBackend(Backend):
                         continue
                 live[slot] = False
                 request = requests[index]
-                if request.key is not None and self.reuse_cache:
+                text = self._continuation_text(ids, generated[b])
+                if request.key is not None and self.reuse_cache and \
+                        (request.keep_if is None or request.keep_if(text)):
                     # The cache covers the prompt and every generated token but the last one
                     # (the last was sampled, never fed): exactly the text a continuation extends.
                     fed = generated[b] if hit_eos else generated[b][:-1]
                     self._keep(request.key, ids + fed, cache, slot)
                 completions[b] = Completion(
-                    text=self._continuation_text(ids, generated[b]),
-                    n_generated=len(generated[b]) + int(hit_eos), hit_eos=hit_eos,
+                    text=text, n_generated=len(generated[b]) + int(hit_eos), hit_eos=hit_eos,
                     prompt_tokens=len(ids), prompt_tokens_computed=len(ids) - reused)
             alive = sum(live)
             if not alive:

@@ -137,8 +137,10 @@ class _Solve:
 
     def request(self) -> Request:
         frame = self.stack[-1]
+        # Only a context that calls is continued, so only then is its cache worth keeping.
         return Request(frame.context, self.result.limits.max_new_tokens,
-                       key=frame.key if self.recursive else None, parent=frame.parent_key)
+                       key=frame.key if self.recursive else None, parent=frame.parent_key,
+                       keep_if=_calls)
 
     def advance(self, completion: Completion) -> list[int]:
         """Apply one completion; returns the cache keys that will never be continued."""
