@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 METHOD_NAMES = {"baseline": "Baseline", "scratchpad": "Scratchpad", "retuning": "Re-Tuning"}
 
@@ -60,6 +61,7 @@ def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: 
         axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
                   marker="o", markersize=3, label=label)
     first = all_results[0]
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole numbers
     axes.set_xlabel(first.get("settings", {}).get("length_label") or "problem length")
     axes.set_ylabel("accuracy (%)")
     axes.set_ylim(-3, 103)
