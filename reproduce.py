@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data_generation.pipeline import file_names, generate
 from evaluation.cli import evaluate_checkpoint, parse_lengths
-from evaluation.plot import load_results, plot_accuracy
+from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
 from utils import atomic_write_json, atomic_write_text
 
@@ -109,7 +109,10 @@ def training_cost(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "data_meta.json")) as handle:
         meta = json.load(handle)[0]
     stats_path = os.path.join(run_dir, STATS_FILE)
-    stats = json.load(open(stats_path)) if os.path.exists(stats_path) else {}
+    stats = {}
+    if os.path.exists(stats_path):
+        with open(stats_path) as handle:
+            stats = json.load(handle)
     return {"records": records, "tokens_per_record": meta["tokens"]["mean"],
             "tokens": round(records * meta["tokens"]["mean"]), **stats}
 
@@ -136,17 +139,15 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
     def percent(value):
         return "-" if value is None else f"{100 * value:.1f}%"
 
+    beyond_label = f"beyond ({beyond[0]}-{beyond[-1]})" if beyond else "beyond"
     lines = [f"# {task_name}: {model} model, {preset} preset", "",
-             f"| method | trained lengths {low}-{high} | beyond ({beyond[0]}-{beyond[-1]}) | at {far} "
-             f"| records trained | tokens trained | tokens/record | training time | peak memory |"
-             if beyond else
-             f"| method | trained lengths {low}-{high} | beyond | at - | records trained | tokens trained "
-             f"| tokens/record | training time | peak memory |",
+             f"| method | trained lengths {low}-{high} | {beyond_label} | at {far or '-'} "
+             f"| records trained | tokens trained | tokens/record | training time | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method, result in results.items():
         cost = costs[method]
         lines.append(
-            f"| {METHOD_LABELS.get(method, method)} "
+            f"| {METHOD_NAMES.get(method, method)} "
             f"| {percent(mean_accuracy(result, lambda n: low <= n <= high))} "
             f"| {percent(mean_accuracy(result, lambda n: n > high))} "
             f"| {percent(mean_accuracy(result, lambda n: n == far))} "
@@ -158,8 +159,6 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
               "Peak memory is the training process's peak resident set size.", ""]
     return "\n".join(lines)
 
-
-METHOD_LABELS = {"baseline": "Baseline", "scratchpad": "Scratchpad", "retuning": "Re-Tuning"}
 
 
 @hydra.main(config_path="config/reproduce", config_name="config", version_base=None)
@@ -189,7 +188,7 @@ def main(cfg: DictConfig) -> None:
             steps.update()
         out = os.path.join(cfg.results_dir, name)
         plot_accuracy(list(results.values()), os.path.join(out, "comparison.png"),
-                      labels=[METHOD_LABELS.get(m, m) for m in results],
+                      labels=[METHOD_NAMES.get(m, m) for m in results],
                       title=f"{name}: accuracy by problem length ({cfg.model} model)")
         summary = summary_markdown(name, preset, cfg.model, results, costs)
         atomic_write_text(os.path.join(out, "summary.md"), summary)
