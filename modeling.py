@@ -224,6 +224,51 @@ def load_checkpoint(checkpoint_dir: str, dtype: str | torch.dtype = "float32", m
     return model, tokenizer
 
 
+class LinePositions:
+    """Position ids that restart at every line: the t-th token of line k sits at ``k * stride + t``.
+
+    ``"73199 + 21439\nSolution: Call: 3199 + 1439\n"``: ``7`` is at 0, ``S`` at ``stride``, and
+    the ``3`` the call copies is 1 + ``stride`` - 15 = ``stride`` - 14 ids before the ``3`` it
+    writes, for any operand length. A Re-Tuning step copies between lines at offsets that do not
+    depend on the problem's length, so with these ids a RoPE model sees at every length the same
+    distances it was trained on (docs/tiny_model.md). Rule, one token at a time: the token after a
+    newline starts the next multiple of ``stride``, any other token is one further (a line longer
+    than ``stride`` runs on and the next line starts at the multiple after it).
+
+    The model stays a standard ``LlamaForCausalLM``; the scheme is the config's
+    ``line_position_stride`` (absent or 0: ordinary positions), which the trainer and the
+    evaluation engine read. Plain ``model.generate`` does not know it.
+    """
+
+    def __init__(self, newline_id: int, stride: int):
+        self.newline_id, self.stride = newline_id, stride
+
+    @classmethod
+    def of(cls, model, tokenizer) -> "LinePositions | None":
+        """The scheme a model was built with, or None for ordinary positions."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        stride = int(getattr(config, "line_position_stride", 0) or 0)
+        if stride <= 0:
+            return None
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(newline) != 1 or tokenizer("a\nb", add_special_tokens=False)["input_ids"][1:2] != newline:
+            raise ValueError(f"line_position_stride={stride} needs a tokenizer that makes every newline "
+                             f"one token of its own; this one encodes '\\n' as {newline}")
+        return cls(newline[0], stride)
+
+    def following(self, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The position of the token after each (position, token) pair."""
+        return torch.where(tokens == self.newline_id, (positions // self.stride + 1) * self.stride,
+                           positions + 1)
+
+    def ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids for a batch of rows that start at column 0 (right padding is harmless)."""
+        positions = torch.zeros_like(input_ids)
+        for column in range(1, input_ids.shape[1]):
+            positions[:, column] = self.following(positions[:, column - 1], input_ids[:, column - 1])
+        return positions
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

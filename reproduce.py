@@ -19,13 +19,14 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from data_generation.pipeline import file_names, generate
-from evaluation.cli import evaluate_checkpoint, parse_lengths
+from evaluation.cli import parse_lengths
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
 from utils import atomic_write_json, atomic_write_text
@@ -71,7 +72,31 @@ def training_budget(settings: DictConfig, train_path: str) -> dict:
     return {"batch_size": batch_size, "n_examples": batch_size * settings.train_steps}
 
 
-def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> None:
+def run_child(args: list[str], log_path: str | None, threads: int) -> float:
+    """Run a child process to its end, its output going to ``log_path`` (None: this console), with
+    ``threads`` CPU threads; returns its peak resident memory in MB. A failure stops the whole
+    run with the end of the child's log."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log = open(log_path, "w") if log_path else None
+    try:
+        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+    finally:
+        if log:
+            log.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = ""
+        if log_path:
+            with open(log_path, errors="replace") as handle:
+                tail = "".join(handle.readlines()[-15:])
+        raise SystemExit(f"{tail}error: {' '.join(args[1:3])} ... failed (exit {code})"
+                         + (f"; whole output in {log_path}" if log_path else ""))
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_path: str | None,
+          threads: int) -> None:
     """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
     peak resident memory beside the run's ``final/``."""
     if os.path.exists(os.path.join(run_dir, "final")):
@@ -83,23 +108,24 @@ def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> No
         args.append(f"resume={run_dir}")
     tqdm.write(" ".join(args[1:]))
     start = time.time()
-    child = subprocess.Popen(args)
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"error: training {run_dir} failed (exit {os.waitstatus_to_exitcode(status)})")
-    # ru_maxrss is in KiB on Linux.
-    atomic_write_json(os.path.join(run_dir, STATS_FILE),
-                      {"train_wall_s": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024})
+    peak_mb = run_child(args, log_path, threads)
+    atomic_write_json(os.path.join(run_dir, STATS_FILE), {"train_wall_s": time.time() - start, "peak_rss_mb": peak_mb})
 
 
 def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir: str,
-             settings: DictConfig) -> dict:
+             settings: DictConfig, log_path: str | None, threads: int) -> dict:
+    """Run ``evaluation/evaluate_<task>.py`` on the run's final checkpoint in a child process."""
     results_path = os.path.join(out_dir, "results.json")
-    if os.path.exists(results_path):
-        return load_results(results_path)
-    return evaluate_checkpoint(task_name, run_dir, method, lengths=settings.eval_lengths,
-                               samples=settings.eval_samples, seed=cfg.seed, batch_size=cfg.eval.batch_size,
-                               device=cfg.eval.device, dtype=cfg.eval.dtype, out=out_dir)
+    if not os.path.exists(results_path):
+        args = [sys.executable, os.path.join(REPO_ROOT, "evaluation", f"evaluate_{task_name}.py"),
+                "--checkpoint", run_dir, "--method", method, "--seed", str(cfg.seed), "--out", out_dir,
+                "--device", cfg.eval.device, "--dtype", cfg.eval.dtype]
+        for flag, value in [("--lengths", settings.eval_lengths), ("--samples", settings.eval_samples),
+                            ("--batch-size", cfg.eval.batch_size)]:
+            if value is not None:
+                args += [flag, str(value)]
+        run_child(args, log_path, threads)
+    return load_results(results_path)
 
 
 def training_cost(run_dir: str) -> dict:
@@ -161,31 +187,54 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
 
 
 
+def parallel_jobs(cfg: DictConfig) -> int:
+    """Methods trained and evaluated at once: ``auto`` is one per CPU core for the tiny model
+    (each child runs one thread, the fastest setting measured for it) and 1 for any other model,
+    which would share one GPU."""
+    if cfg.jobs != "auto":
+        return max(1, int(cfg.jobs))
+    return max(1, min(len(cfg.methods), os.cpu_count() or 1)) if cfg.model == "tiny" else 1
+
+
+def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, settings: DictConfig,
+                       train_path: str, jobs: int, steps: tqdm) -> tuple[dict, dict]:
+    """One method's training and evaluation; with several jobs at once their output goes to
+    ``results/<task>/<method>/{train,eval}.log`` instead of the console."""
+    run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}")
+    out_dir = os.path.join(cfg.results_dir, name, method)
+    os.makedirs(out_dir, exist_ok=True)
+    log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    overrides = {**training_budget(settings, train_path), **settings.train.get("common", {}),
+                 **settings.train.get(method, {}), **dict(arg.split("=", 1) for arg in cfg.train_args)}
+    train(cfg, run_dir, train_path, overrides, log("train"), threads)
+    steps.update()
+    results = evaluate(cfg, name, method, run_dir, out_dir, settings, log("eval"), threads)
+    steps.update()
+    return results, training_cost(run_dir)
+
+
 @hydra.main(config_path="config/reproduce", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     names = task_names() if cfg.task == "all" else [cfg.task]
     for name in names:
         get_task(name)  # unknown task: one-line error before any work
+    jobs = parallel_jobs(cfg)
     steps = tqdm(total=len(names) * (3 * len(cfg.methods) + 1), desc="reproduce", unit=" steps")
     for name in names:
         preset, settings = task_settings(cfg, name)
-        results, costs = {}, {}
+        steps.set_postfix_str(f"{name}: data")
+        train_paths = {}
         for method in cfg.methods:
-            steps.set_postfix_str(f"{name} {method}: data")
-            train_path = make_data(cfg, name, method, preset, settings)
+            train_paths[method] = make_data(cfg, name, method, preset, settings)
             steps.update()
-            run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}")
-            overrides = {**training_budget(settings, train_path), **settings.train.get("common", {}),
-                         **settings.train.get(method, {}),
-                         **dict(arg.split("=", 1) for arg in cfg.train_args)}
-            steps.set_postfix_str(f"{name} {method}: training")
-            train(cfg, run_dir, train_path, overrides)
-            steps.update()
-            steps.set_postfix_str(f"{name} {method}: evaluation")
-            results[method] = evaluate(cfg, name, method, run_dir,
-                                       os.path.join(cfg.results_dir, name, method), settings)
-            costs[method] = training_cost(run_dir)
-            steps.update()
+        steps.set_postfix_str(f"{name}: training and evaluating {jobs} at a time")
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = {method: pool.submit(train_and_evaluate, cfg, name, method, preset, settings,
+                                           train_paths[method], jobs, steps) for method in cfg.methods}
+            outcomes = {method: future.result() for method, future in futures.items()}
+        results = {method: outcome[0] for method, outcome in outcomes.items()}
+        costs = {method: outcome[1] for method, outcome in outcomes.items()}
         out = os.path.join(cfg.results_dir, name)
         plot_accuracy(list(results.values()), os.path.join(out, "comparison.png"),
                       labels=[METHOD_NAMES.get(m, m) for m in results],

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling import replace_directory, save_model
+from modeling import LinePositions, replace_directory, save_model
 from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, microbatches,
                                  steps_per_epoch)
 from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
@@ -51,6 +51,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.n_epochs
         if cfg.n_examples:
             self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
+        self.line_positions = LinePositions.of(model, tokenizer)
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -83,7 +84,7 @@ class Trainer:
                 last = k == len(parts) - 1
                 no_sync = self.model.no_sync if proc.distributed and not last else contextlib.nullcontext
                 with no_sync():
-                    nll = self.nll(self.train_data, indices, self.position_offsets(len(indices), step, k))
+                    nll = self.nll(self.train_data, indices)
                     (nll * scale).backward()
                 loss_sum += nll.detach()  # stays on the device: no sync per microbatch
                 counts += self.counts(self.train_data, indices)
@@ -104,18 +105,21 @@ class Trainer:
         self.save("final", step)
 
     # --- pieces of a step --------------------------------------------------------------------
-    def nll(self, data: TokenizedRecords, indices, position_offsets=None):
+    def nll(self, data: TokenizedRecords, indices):
         """Summed NLL of the output tokens of some records."""
         inputs = collate(data, indices, self.pad_id)
+        position_ids = self.line_positions.ids(inputs["input_ids"]) if self.line_positions else None
         input_ids = inputs["input_ids"].to(self.processes.device, non_blocking=True)
         labels = inputs["labels"].to(self.processes.device, non_blocking=True)
-        position_ids = None
-        if position_offsets is not None:
-            position_ids = torch.arange(input_ids.shape[1])[None, :] + position_offsets[:, None]
-            position_ids = position_ids.to(self.processes.device)
-        # Right padding under a causal mask never affects real tokens, so no attention mask needed.
+        attention_mask = None  # right padding under a causal mask never affects real tokens
+        if position_ids is not None:
+            position_ids = position_ids.to(self.processes.device, non_blocking=True)
+            # Without a mask, transformers reads every jump in position_ids as the start of another
+            # packed sequence and would hide each line from the next.
+            attention_mask = torch.ones_like(input_ids)
         with self.autocast():
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX, reduction="sum")
         return nll
@@ -145,10 +149,6 @@ class Trainer:
                                     self.cfg.group_by_length, self.cfg.length_group_window)
             self._plan_epoch = epoch
         return self._plan[index]
-
-    def position_offsets(self, n: int, step: int, micro: int):
-        cfg = self.cfg
-        return position_offsets(n, cfg.position_offset_max, cfg.seed, step, self.processes.rank, micro)
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
@@ -267,17 +267,6 @@ def learning_rate(step: int, lr: float, total_steps: int, warmup_steps: int, sch
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
         rate *= min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return rate
-
-
-def position_offsets(n: int, offset_max: int, seed: int, step: int, rank: int, micro: int):
-    """Random position shifts in [0, offset_max] for n sequences (Ruoss et al. 2023), a function of
-    (seed, step, rank, microbatch) so that resuming needs no extra state; None when disabled
-    (positions from 0, as at evaluation)."""
-    if offset_max <= 0:
-        return None
-    key = ((seed * 1_000_003 + step) * 4099 + rank) * 257 + micro
-    generator = torch.Generator().manual_seed(key % (2 ** 63))
-    return torch.randint(0, offset_max + 1, (n,), generator=generator)
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:

@@ -28,6 +28,8 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from modeling import LinePositions
+
 
 @dataclass
 class Request:
@@ -81,6 +83,9 @@ class CallableBackend(Backend):
         self.complete = complete
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        if LinePositions.of(self.model, self.tokenizer) is not None:
+            raise ValueError("HFSequentialBackend runs model.generate, which counts positions one by one; "
+                             "this model uses line positions (line_position_stride): use HFBackend")
         completions = []
         for request in requests:
             answer = self.complete(request.context)
@@ -254,6 +259,7 @@ class HFBackend(Backend):
         self.reuse_cache = reuse_cache
         self.piecewise = _decodes_piecewise(tokenizer)
         self.cache_budget_tokens = cache_budget_tokens
+        self.line_positions = LinePositions.of(model, tokenizer)
         self._cache: dict[Hashable, _CachedContext] = {}
         self._cached_tokens = 0
 
@@ -315,7 +321,7 @@ class HFBackend(Backend):
             input_ids[b, new_len - len(new):] = torch.tensor(new, device=device)
             mask[b, past_len - reused:past_len] = 1
             mask[b, past_len + new_len - len(new):] = 1
-            positions[b, new_len - len(new):] = torch.arange(reused, len(ids), device=device)
+            positions[b, new_len - len(new):] = self._positions(ids)[reused:]
         cache = self._stack_past(batch, past_len, new_len + self.ROOM_CHUNK)
         output = self.model(input_ids=input_ids, attention_mask=self._attention_mask(mask, cache, new_len),
                             position_ids=positions, past_key_values=cache, use_cache=True,
@@ -323,7 +329,7 @@ class HFBackend(Backend):
         cache, logits = output.past_key_values, output.logits[:, -1, :]
         if past_len:
             mask = self._pack_right(cache, mask, self.ROOM_CHUNK)
-        last_position = positions[:, -1]
+        last_position, last_token = positions[:, -1], input_ids[:, -1]
 
         slots = list(range(size))  # the batch row held in each slot of the tensors
         live = [True] * size       # finished rows stay in the tensors until COMPACT_SHARE of them
@@ -362,12 +368,15 @@ class HFBackend(Backend):
             if len(slots) - alive >= max(1, int(len(slots) * self.COMPACT_SHARE)):
                 selected = torch.tensor([slot for slot in range(len(slots)) if live[slot]], device=device)
                 cache.batch_select_indices(selected)
-                mask, last_position = mask[selected], last_position[selected]
+                mask, last_position, last_token = mask[selected], last_position[selected], last_token[selected]
                 next_tokens = next_tokens[selected]
                 slots = [slots[slot] for slot in range(len(slots)) if live[slot]]
                 live = [True] * len(slots)
             mask = torch.cat([mask, torch.ones((len(slots), 1), dtype=mask.dtype, device=device)], 1)
-            last_position = last_position + 1
+            # A token's position follows from the token before it: a newline starts a new line.
+            last_position = self.line_positions.following(last_position, last_token) \
+                if self.line_positions else last_position + 1
+            last_token = next_tokens
             for layer in cache.layers:
                 layer.make_room(1, self.ROOM_CHUNK)
             output = self.model(input_ids=next_tokens[:, None],
@@ -416,6 +425,12 @@ class HFBackend(Backend):
             return allowed
         return torch.zeros(allowed.shape, dtype=self.dtype, device=mask.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)
+
+    def _positions(self, ids: list[int]) -> torch.Tensor:
+        """Position ids of a whole context (``modeling.LinePositions`` when the model uses them)."""
+        if self.line_positions is None:
+            return torch.arange(len(ids), device=self.device)
+        return self.line_positions.ids(torch.tensor([ids], device=self.device))[0]
 
     def _continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         if self.piecewise:
@@ -475,6 +490,9 @@ class HFSequentialBackend(Backend):
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        if LinePositions.of(self.model, self.tokenizer) is not None:
+            raise ValueError("HFSequentialBackend runs model.generate, which counts positions one by one; "
+                             "this model uses line positions (line_position_stride): use HFBackend")
         completions = []
         for request in requests:
             ids = self.tokenizer(request.context, add_special_tokens=False)["input_ids"]

@@ -8,7 +8,7 @@ checkpoint and run-metadata reading, writing ``results.json`` and ``accuracy.png
 
 Defaults (lengths, problems per length, limits) come from ``config/evaluation/<task>.yaml``; the
 task, method and trained lengths from the run's ``data_meta.json``; flags override both.
-``evaluate_checkpoint`` is the same thing as a Python call (for ``reproduce.py``).
+``evaluate_checkpoint`` is the same thing as a Python call.
 """
 from __future__ import annotations
 

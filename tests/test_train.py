@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainers
-from modeling import load_checkpoint
+from modeling import LinePositions, load_checkpoint
 from preference_datasets import DatasetError
 from tests.test_train_fixtures import addition_records, write_dataset
 from train import compose_config, run
@@ -90,9 +90,8 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, d
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
-    # Dropout and position offsets make the run depend on RNG state and data position too.
-    overrides = ["save_every=24", "eval_every=24", "model.llama_config.attention_dropout=0.2",
-                 "position_offset_max=16"]
+    # Dropout makes the run depend on RNG state and data position too.
+    overrides = ["save_every=24", "eval_every=24", "model.llama_config.attention_dropout=0.2"]
     whole = run(config(tmp_path, dataset, *overrides, name="whole"))
 
     save = trainers.Trainer.save
@@ -140,12 +139,35 @@ def test_learning_rate_schedules():
     assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
 
 
-def test_position_offsets_are_seeded_and_bounded():
-    assert trainers.position_offsets(4, 0, seed=0, step=3, rank=0, micro=0) is None
-    offsets = trainers.position_offsets(1000, 50, seed=0, step=3, rank=0, micro=0)
-    assert offsets.min() == 0 and offsets.max() == 50
-    assert torch.equal(offsets, trainers.position_offsets(1000, 50, seed=0, step=3, rank=0, micro=0))
-    assert not torch.equal(offsets, trainers.position_offsets(1000, 50, seed=0, step=4, rank=0, micro=0))
+def test_held_out_loss_is_taken_with_line_positions_and_every_line_in_view(tmp_path, dataset):
+    """The tiny model's line positions jump at every newline; the logged held-out loss must be
+    the one where each token sees the whole record (not each line alone, which is what
+    transformers makes of jumping positions without an attention mask)."""
+    run_dir = run(config(tmp_path, dataset, "model.llama_config.line_position_stride=32", "n_examples=32"))
+    model, tokenizer = load_checkpoint(os.path.join(run_dir, "final"))
+    lines = LinePositions.of(model, tokenizer)
+    assert lines is not None and lines.stride == 32
+
+    def held_out_loss(with_mask: bool) -> float:
+        total = 0.0
+        records = json.loads(open(dataset.replace("_train", "_test")).read())
+        for record in records:
+            prompt = tokenizer(record["input"], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+                                + [tokenizer.eos_token_id]])
+            mask = torch.ones_like(ids) if with_mask else None
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=lines.ids(ids),
+                               use_cache=False).logits
+            targets = ids[0, len(prompt):]
+            total += float(torch.nn.functional.cross_entropy(logits[0, len(prompt) - 1:-1], targets,
+                                                             reduction="sum"))
+        return total / len(records)
+
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    logged = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    assert logged == pytest.approx(held_out_loss(with_mask=True), rel=1e-4)
+    assert abs(logged - held_out_loss(with_mask=False)) > 1e-3
 
 
 def test_a_malformed_dataset_stops_before_training(tmp_path, dataset):
