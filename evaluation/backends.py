@@ -83,9 +83,6 @@ class CallableBackend(Backend):
         self.complete = complete
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        if LinePositions.of(self.model, self.tokenizer) is not None:
-            raise ValueError("HFSequentialBackend runs model.generate, which counts positions one by one; "
-                             "this model uses line positions (line_position_stride): use HFBackend")
         completions = []
         for request in requests:
             answer = self.complete(request.context)
@@ -474,7 +471,9 @@ class HFBackend(Backend):
 
 class HFSequentialBackend(Backend):
     """``model.generate`` on one context at a time, re-encoding every prompt from scratch: how
-    the original code evaluated. Greedy unless ``temperature`` > 0."""
+    the original code evaluated. Greedy unless ``temperature`` > 0. A model with line positions
+    (``modeling.LinePositions``), which ``model.generate`` does not know, is decoded by the same
+    one-context loop written out here."""
 
     def __init__(self, model, tokenizer, temperature: float = 0.0):
         self.model = model.eval()
@@ -484,27 +483,46 @@ class HFSequentialBackend(Backend):
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.device = next(model.parameters()).device
+        self.line_positions = LinePositions.of(model, tokenizer)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        if LinePositions.of(self.model, self.tokenizer) is not None:
-            raise ValueError("HFSequentialBackend runs model.generate, which counts positions one by one; "
-                             "this model uses line positions (line_position_stride): use HFBackend")
         completions = []
         for request in requests:
             ids = self.tokenizer(request.context, add_special_tokens=False)["input_ids"]
             input_ids = torch.tensor([ids], device=self.device)
-            sampling = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) \
-                if self.temperature > 0 else dict(do_sample=False)
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=request.max_new_tokens, eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id, use_cache=True, **sampling)[0, len(ids):].tolist()
+            if self.line_positions is not None:
+                output = self._decode_with_line_positions(input_ids, request.max_new_tokens)
+            else:
+                sampling = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) \
+                    if self.temperature > 0 else dict(do_sample=False)
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=request.max_new_tokens, eos_token_id=self.eos_ids,
+                    pad_token_id=self.pad_id, use_cache=True, **sampling)[0, len(ids):].tolist()
             hit_eos = bool(output) and output[-1] in self.eos_ids
             new_ids = output[:-1] if hit_eos else output
             completions.append(Completion(_decode_slowly(self.tokenizer, ids, new_ids),
                                           len(output), hit_eos, len(ids), len(ids)))
         return completions
+
+    def _decode_with_line_positions(self, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Greedy (or sampled) decoding of one context with a KV cache; the new ids, EOS included."""
+        from transformers import DynamicCache
+        cache, positions, output = DynamicCache(), self.line_positions.ids(input_ids), []
+        for _ in range(max_new_tokens):
+            logits = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache,
+                                use_cache=True).logits[0, -1].float()
+            if self.temperature > 0:
+                token = int(torch.multinomial(torch.softmax(logits / self.temperature, -1), 1))
+            else:
+                token = int(logits.argmax())
+            output.append(token)
+            if token in self.eos_ids:
+                break
+            positions = self.line_positions.following(positions[:, -1:], input_ids[:, -1:])
+            input_ids = torch.tensor([[token]], device=self.device)
+        return output

@@ -101,7 +101,7 @@ def test_batched_backend_decodes_what_full_recomputation_decodes(line_model, bat
     assert all(c.prompt_tokens_computed < c.prompt_tokens for c in reused)
 
 
-def test_the_sequential_backend_refuses_line_positions(line_model):
+def test_the_one_at_a_time_backend_decodes_line_positions_too(line_model):
     model, tokenizer = line_model
-    with pytest.raises(ValueError, match="line_position_stride"):
-        HFSequentialBackend(model, tokenizer).generate([Request("1 + 1\nSolution: ", 3)])
+    completions = HFSequentialBackend(model, tokenizer).generate([Request(c, 40) for c in CONTEXTS])
+    assert [(c.text, c.hit_eos) for c in completions] == [naive_greedy(model, tokenizer, c, 40) for c in CONTEXTS]
