@@ -10,7 +10,8 @@ trained lengths shaded), ``results/<task>/summary.md`` (accuracy in and beyond t
 training tokens, time and peak memory per method) and ``results/<task>/<method>/results.json``.
 Every step writes its outputs whole or not at all, and a step whose outputs exist is skipped, so
 an interrupted run picks up where it stopped (an interrupted training resumes from its last
-checkpoint). Settings: ``config/reproduce/config.yaml``.
+checkpoint). Trainings and evaluations run as child processes (``train.py`` and
+``evaluation/evaluate_<task>.py``), ``jobs`` of them at once. Settings: ``config/reproduce/config.yaml``.
 """
 from __future__ import annotations
 
@@ -230,9 +231,11 @@ def main(cfg: DictConfig) -> None:
             steps.update()
         steps.set_postfix_str(f"{name}: training and evaluating {jobs} at a time")
         with ThreadPoolExecutor(jobs) as pool:
+            # Last listed, first started: Re-Tuning, by default, trains longest (its records pad
+            # most), and the two shorter trainings then share the other core one after the other.
             futures = {method: pool.submit(train_and_evaluate, cfg, name, method, preset, settings,
-                                           train_paths[method], jobs, steps) for method in cfg.methods}
-            outcomes = {method: future.result() for method, future in futures.items()}
+                                           train_paths[method], jobs, steps) for method in reversed(cfg.methods)}
+            outcomes = {method: futures[method].result() for method in cfg.methods}
         results = {method: outcome[0] for method, outcome in outcomes.items()}
         costs = {method: outcome[1] for method, outcome in outcomes.items()}
         out = os.path.join(cfg.results_dir, name)
