@@ -231,9 +231,9 @@ class LinePositions:
     the ``3`` the call copies is 1 + ``stride`` - 15 = ``stride`` - 14 ids before the ``3`` it
     writes, for any operand length. A Re-Tuning step copies between lines at offsets that do not
     depend on the problem's length, so with these ids a RoPE model sees at every length the same
-    distances it was trained on (docs/tiny_model.md). Rule, one token at a time: the token after a
-    newline starts the next multiple of ``stride``, any other token is one further (a line longer
-    than ``stride`` runs on and the next line starts at the multiple after it).
+    distances it was trained on (docs/tiny_model.md). A line longer than ``stride`` shares ids
+    with the start of the next line (the distances between lines stay the same; the tokens
+    differ).
 
     The model stays a standard ``LlamaForCausalLM``; the scheme is the config's
     ``line_position_stride`` (absent or 0: ordinary positions), which the trainer and the
@@ -256,17 +256,24 @@ class LinePositions:
                              f"one token of its own; this one encodes '\\n' as {newline}")
         return cls(newline[0], stride)
 
-    def following(self, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The position of the token after each (position, token) pair."""
-        return torch.where(tokens == self.newline_id, (positions // self.stride + 1) * self.stride,
-                           positions + 1)
+    def line_starts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The id of the first token of each token's line, ``k * stride`` for line k."""
+        newlines = (input_ids == self.newline_id).long().cumsum(dim=1)
+        return (newlines - (input_ids == self.newline_id).long()) * self.stride
 
     def ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Position ids for a batch of rows that start at column 0 (right padding is harmless)."""
-        positions = torch.zeros_like(input_ids)
-        for column in range(1, input_ids.shape[1]):
-            positions[:, column] = self.following(positions[:, column - 1], input_ids[:, column - 1])
-        return positions
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        starts = torch.where(torch.nn.functional.pad(input_ids[:, :-1] == self.newline_id, (1, 0)),
+                             columns, torch.zeros_like(columns))
+        return self.line_starts(input_ids) + columns - starts.cummax(dim=1).values
+
+    def following(self, line_starts: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor):
+        """The line start and position of the token after each token (at ``positions``, in a line
+        starting at ``line_starts``): a newline's successor begins the next line."""
+        newline = tokens == self.newline_id
+        next_start = torch.where(newline, line_starts + self.stride, line_starts)
+        return next_start, torch.where(newline, next_start, positions + 1)
 
 
 def count_parameters(model) -> tuple[int, int]:

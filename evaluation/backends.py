@@ -327,6 +327,7 @@ class HFBackend(Backend):
         if past_len:
             mask = self._pack_right(cache, mask, self.ROOM_CHUNK)
         last_position, last_token = positions[:, -1], input_ids[:, -1]
+        line_start = torch.stack([self._line_start(row[1]) for row in batch])
 
         slots = list(range(size))  # the batch row held in each slot of the tensors
         live = [True] * size       # finished rows stay in the tensors until COMPACT_SHARE of them
@@ -366,13 +367,16 @@ class HFBackend(Backend):
                 selected = torch.tensor([slot for slot in range(len(slots)) if live[slot]], device=device)
                 cache.batch_select_indices(selected)
                 mask, last_position, last_token = mask[selected], last_position[selected], last_token[selected]
+                line_start = line_start[selected]
                 next_tokens = next_tokens[selected]
                 slots = [slots[slot] for slot in range(len(slots)) if live[slot]]
                 live = [True] * len(slots)
             mask = torch.cat([mask, torch.ones((len(slots), 1), dtype=mask.dtype, device=device)], 1)
             # A token's position follows from the token before it: a newline starts a new line.
-            last_position = self.line_positions.following(last_position, last_token) \
-                if self.line_positions else last_position + 1
+            if self.line_positions:
+                line_start, last_position = self.line_positions.following(line_start, last_position, last_token)
+            else:
+                last_position = last_position + 1
             last_token = next_tokens
             for layer in cache.layers:
                 layer.make_room(1, self.ROOM_CHUNK)
@@ -428,6 +432,12 @@ class HFBackend(Backend):
         if self.line_positions is None:
             return torch.arange(len(ids), device=self.device)
         return self.line_positions.ids(torch.tensor([ids], device=self.device))[0]
+
+    def _line_start(self, ids: list[int]) -> torch.Tensor:
+        """The position id where the last token's line starts (0 with ordinary positions)."""
+        if self.line_positions is None:
+            return torch.zeros((), dtype=torch.long, device=self.device)
+        return self.line_positions.line_starts(torch.tensor([ids], device=self.device))[0, -1]
 
     def _continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         if self.piecewise:
@@ -513,6 +523,7 @@ class HFSequentialBackend(Backend):
         """Greedy (or sampled) decoding of one context with a KV cache; the new ids, EOS included."""
         from transformers import DynamicCache
         cache, positions, output = DynamicCache(), self.line_positions.ids(input_ids), []
+        line_start = self.line_positions.line_starts(input_ids)[:, -1:]
         for _ in range(max_new_tokens):
             logits = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache,
                                 use_cache=True).logits[0, -1].float()
@@ -523,6 +534,6 @@ class HFSequentialBackend(Backend):
             output.append(token)
             if token in self.eos_ids:
                 break
-            positions = self.line_positions.following(positions[:, -1:], input_ids[:, -1:])
+            line_start, positions = self.line_positions.following(line_start, positions[:, -1:], input_ids[:, -1:])
             input_ids = torch.tensor([[token]], device=self.device)
         return output

@@ -34,16 +34,17 @@ def test_positions_restart_at_every_line():
     text = "12 + 34\nSolution: Call: 2 + 4\n"
     ids = lines.ids(encode(tokenizer, text))[0].tolist()
     assert ids == list(range(8)) + [STRIDE + k for k in range(len("Solution: Call: 2 + 4\n"))]
-    # A line longer than the stride runs on; the next line starts at the following multiple.
-    long = lines.ids(encode(tokenizer, "x" * (STRIDE + 3) + "\nab"))[0].tolist()
-    assert long[:STRIDE + 4] == list(range(STRIDE + 4)) and long[-2:] == [2 * STRIDE, 2 * STRIDE + 1]
+    # A line longer than the stride shares ids with the start of the next line.
+    long = lines.ids(encode(tokenizer, "x" * (STRIDE + 3) + "\nab\n\nc"))[0].tolist()
+    assert long == list(range(STRIDE + 4)) + [STRIDE, STRIDE + 1, STRIDE + 2, 2 * STRIDE, 3 * STRIDE]
     # One token at a time gives the same ids as the whole row.
-    row = encode(tokenizer, text)[0]
-    position, stepwise = torch.tensor(0), [0]
-    for token in row[:-1]:
-        position = lines.following(position, token)
-        stepwise.append(int(position))
-    assert stepwise == ids
+    for text in (text, "x" * (STRIDE + 3) + "\nab\n\nc"):
+        row = encode(tokenizer, text)[0]
+        start, position, stepwise = torch.tensor(0), torch.tensor(0), [0]
+        for token in row[:-1]:
+            start, position = lines.following(start, position, token)
+            stepwise.append(int(position))
+        assert stepwise == lines.ids(row[None])[0].tolist()
 
 
 def test_the_call_copies_from_the_same_distance_at_every_length():
@@ -81,7 +82,8 @@ def naive_greedy(model, tokenizer, context, max_new_tokens):
 
 
 CONTEXTS = ["12 + 34\nSolution: ", "7 + 8\nSolution: Call: 8\nReturn: 5\nAnswer: ",
-            "What is the parity of [1, 0, 1]?\nSolution: ", "a", "Create dp array\n[3, -1, 4]\n\nx"]
+            "What is the parity of [1, 0, 1]?\nSolution: ", "a", "Create dp array\n[3, -1, 4]\n\nx",
+            "1, 0" * 20 + "\nSolution: "]  # a line longer than the stride
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
