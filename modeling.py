@@ -256,17 +256,19 @@ class LinePositions:
                              f"one token of its own; this one encodes '\\n' as {newline}")
         return cls(newline[0], stride)
 
-    def line_starts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The id of the first token of each token's line, ``k * stride`` for line k."""
-        newlines = (input_ids == self.newline_id).long().cumsum(dim=1)
-        return (newlines - (input_ids == self.newline_id).long()) * self.stride
+    def ids_and_line_starts(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids for a batch of rows that start at column 0 (right padding is harmless),
+        and for each token the id where its line starts (``k * stride`` for line k)."""
+        newline = input_ids == self.newline_id
+        line_starts = (newline.long().cumsum(dim=1) - newline.long()) * self.stride
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        first_column = torch.where(torch.nn.functional.pad(newline[:, :-1], (1, 0)), columns,
+                                   torch.zeros_like(columns)).cummax(dim=1).values
+        return line_starts + columns - first_column, line_starts
 
     def ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Position ids for a batch of rows that start at column 0 (right padding is harmless)."""
-        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        starts = torch.where(torch.nn.functional.pad(input_ids[:, :-1] == self.newline_id, (1, 0)),
-                             columns, torch.zeros_like(columns))
-        return self.line_starts(input_ids) + columns - starts.cummax(dim=1).values
+        return self.ids_and_line_starts(input_ids)[0]
 
     def following(self, line_starts: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor):
         """The line start and position of the token after each token (at ``positions``, in a line

@@ -313,12 +313,14 @@ class HFBackend(Backend):
         input_ids = torch.full((size, new_len), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((size, past_len + new_len), dtype=torch.long, device=device)
         positions = torch.zeros((size, new_len), dtype=torch.long, device=device)
+        line_start = torch.zeros(size, dtype=torch.long, device=device)  # of each row's last token
         for b, (_, ids, _, reused, _) in enumerate(batch):
             new = ids[reused:]
             input_ids[b, new_len - len(new):] = torch.tensor(new, device=device)
             mask[b, past_len - reused:past_len] = 1
             mask[b, past_len + new_len - len(new):] = 1
-            positions[b, new_len - len(new):] = self._positions(ids)[reused:]
+            row_positions, line_start[b] = self._positions(ids)
+            positions[b, new_len - len(new):] = row_positions[reused:]
         cache = self._stack_past(batch, past_len, new_len + self.ROOM_CHUNK)
         output = self.model(input_ids=input_ids, attention_mask=self._attention_mask(mask, cache, new_len),
                             position_ids=positions, past_key_values=cache, use_cache=True,
@@ -327,7 +329,6 @@ class HFBackend(Backend):
         if past_len:
             mask = self._pack_right(cache, mask, self.ROOM_CHUNK)
         last_position, last_token = positions[:, -1], input_ids[:, -1]
-        line_start = torch.stack([self._line_start(row[1]) for row in batch])
 
         slots = list(range(size))  # the batch row held in each slot of the tensors
         live = [True] * size       # finished rows stay in the tensors until COMPACT_SHARE of them
@@ -427,17 +428,13 @@ class HFBackend(Backend):
         return torch.zeros(allowed.shape, dtype=self.dtype, device=mask.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)
 
-    def _positions(self, ids: list[int]) -> torch.Tensor:
-        """Position ids of a whole context (``modeling.LinePositions`` when the model uses them)."""
+    def _positions(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Position ids of a whole context and the id where its last line starts
+        (``modeling.LinePositions`` when the model uses them; ordinary positions start at 0)."""
         if self.line_positions is None:
-            return torch.arange(len(ids), device=self.device)
-        return self.line_positions.ids(torch.tensor([ids], device=self.device))[0]
-
-    def _line_start(self, ids: list[int]) -> torch.Tensor:
-        """The position id where the last token's line starts (0 with ordinary positions)."""
-        if self.line_positions is None:
-            return torch.zeros((), dtype=torch.long, device=self.device)
-        return self.line_positions.line_starts(torch.tensor([ids], device=self.device))[0, -1]
+            return torch.arange(len(ids), device=self.device), 0
+        positions, line_starts = self.line_positions.ids_and_line_starts(torch.tensor([ids], device=self.device))
+        return positions[0], int(line_starts[0, -1])
 
     def _continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         if self.piecewise:
@@ -522,8 +519,9 @@ class HFSequentialBackend(Backend):
     def _decode_with_line_positions(self, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
         """Greedy (or sampled) decoding of one context with a KV cache; the new ids, EOS included."""
         from transformers import DynamicCache
-        cache, positions, output = DynamicCache(), self.line_positions.ids(input_ids), []
-        line_start = self.line_positions.line_starts(input_ids)[:, -1:]
+        cache, output = DynamicCache(), []
+        positions, line_start = self.line_positions.ids_and_line_starts(input_ids)
+        line_start = line_start[:, -1:]
         for _ in range(max_new_tokens):
             logits = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache,
                                 use_cache=True).logits[0, -1].float()
