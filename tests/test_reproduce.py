@@ -72,3 +72,22 @@ def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
     again = run_reproduce(tmp_path)
     assert "train.py" not in again.stdout + again.stderr
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_every_training_override_in_the_reproduce_config_lands_in_the_training_config():
+    # A misspelt key here would fail only deep inside a reproduction, as a child's Hydra error.
+    from omegaconf import OmegaConf
+    sys.path.insert(0, REPO)
+    from train import compose_config
+    tasks = OmegaConf.load(os.path.join(REPO, "config", "reproduce", "config.yaml")).tasks
+    checked = 0
+    for task, presets in tasks.items():
+        for preset, settings in presets.items():
+            for group, overrides in settings.train.items():
+                if not overrides:
+                    continue
+                cfg = compose_config(["model=tiny", *[f"{key}={value}" for key, value in overrides.items()]])
+                for key, value in overrides.items():
+                    assert OmegaConf.select(cfg, key) == value, (task, preset, group, key)
+                    checked += 1
+    assert checked >= 3  # dp's stride, parity's stride and initialisation
