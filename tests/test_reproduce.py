@@ -36,6 +36,7 @@ def run_reproduce(tmp_path, *extra):
 
 def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
     run_reproduce(tmp_path)
+    assert not (tmp_path / "reproduce.log").exists()  # Hydra's log file, written where it started
     out = tmp_path / "results" / "addition"
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
