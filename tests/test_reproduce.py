@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+from omegaconf import OmegaConf
+
+from train import compose_config  # the repository root is on sys.path (conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOY = [
@@ -77,9 +81,6 @@ def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
 
 def test_every_training_override_in_the_reproduce_config_lands_in_the_training_config():
     # A misspelt key here would fail only deep inside a reproduction, as a child's Hydra error.
-    from omegaconf import OmegaConf
-    sys.path.insert(0, REPO)
-    from train import compose_config
     tasks = OmegaConf.load(os.path.join(REPO, "config", "reproduce", "config.yaml")).tasks
     checked = 0
     for task, presets in tasks.items():
