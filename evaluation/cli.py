@@ -284,11 +284,14 @@ def summary_table(results: dict) -> str:
              f"({100 * results['summary']['accuracy']:.1f}%), "
              f"{results['summary']['wall_time_s']:.1f} s, "
              f"{results['summary']['problems_per_s']:.2f} problems/s",
-             f"{'length':>6} {'acc%':>6} {'calls':>6} {'tokens':>7}  failures"]
+             f"{'length':>6} {'acc%':>6} {'calls':>6} {'tokens':>7}  failures"
+             + ("  | first wrong step" if results["method"] == "retuning" else "")]
     for n, row in results["lengths"].items():
         failures = ", ".join(f"{k} {v}" for k, v in row["failures"].items()) or "-"
+        first_wrong = ", ".join(f"{k} {v}" for k, v in row.get("first_wrong_steps", {}).items())
         lines.append(f"{n:>6} {100 * row['accuracy']:6.1f} {row['mean_calls']:6.1f} "
-                     f"{row['mean_generated_tokens']:7.1f}  {failures}")
+                     f"{row['mean_generated_tokens']:7.1f}  {failures}"
+                     + (f"  | {first_wrong}" if first_wrong else ""))
     return "\n".join(lines)
 
 

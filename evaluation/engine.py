@@ -97,6 +97,7 @@ class ProblemResult:
     prompt_tokens: int = 0
     prompt_tokens_computed: int = 0
     finished_at_s: float = 0.0
+    first_wrong_step: dict | None = None  # a wrong Re-Tuning solve: see ``first_wrong_step``
 
     @property
     def done(self) -> bool:
@@ -111,6 +112,32 @@ def _score(result: ProblemResult, task, method: str) -> None:
         result.failure, result.failure_message = "unparsable_answer", str(error)
         return
     result.correct = result.predicted == result.expected
+
+
+def first_wrong_step(result: ProblemResult, task) -> dict | None:
+    """Where a Re-Tuning solve first left the oracle's path: its first generation whose completion
+    differs from what ``task.oracle`` writes in the same context (every earlier context is then a
+    gold one, which the oracle reads). For ``3220368 + 6205929``, gone wrong at the top::
+
+        {"step": 0, "depth": 0, "kind": "top-level call", "sub_length": 7,
+         "expected": "Call: 220368 + 205929\\n", "written": "Call: 03688 + 25929\\n"}
+
+    ``kind`` is ``call``, ``base case`` (an answer before any Return) or ``combine`` (an answer
+    after one), ``top-level`` at depth 0. None when every step matched the oracle.
+    """
+    for number, step in enumerate(result.trace):
+        expected = task.oracle(step.context, "retuning")
+        if step.completion == expected:
+            continue
+        kind = ("call" if protocol.find_call(expected) is not None
+                else "combine" if protocol.RETURN_TAG in step.context else "base case")
+        try:
+            sub_length = task.record_length(step.context)
+        except NotImplementedError:
+            sub_length = None
+        return dict(step=number, depth=step.depth, kind=("top-level " if step.depth == 0 else "") + kind,
+                    sub_length=sub_length, expected=expected, written=step.completion)
+    return None
 
 
 # --- the batched engine ---------------------------------------------------------------------
@@ -284,6 +311,10 @@ def evaluate(backend: Backend, task, method: str, lengths: Sequence[int], sample
     runner = solve_sequentially if sequential else run_engine
     results = runner(backend, task, method, problems, limits_for, progress=progress)
     wall = time.perf_counter() - start
+    if method == "retuning":
+        for result in results:
+            if not result.correct:
+                result.first_wrong_step = first_wrong_step(result, task)
     settings = dict(lengths=list(lengths), samples=samples, seed=seed, limits=vars(rules),
                     engine="sequential" if sequential else "batched")
     return summarize(results, task.name, method, wall, {**settings, **(info or {})})
@@ -311,12 +342,17 @@ def summarize(results: Sequence[ProblemResult], task_name: str, method: str, wal
 
     def figures(group: Sequence[ProblemResult]) -> dict:
         failures: dict[str, int] = {}
+        first_wrong: dict[str, int] = {}
         for result in group:
             if result.failure:
                 failures[result.failure] = failures.get(result.failure, 0) + 1
+            if result.first_wrong_step:
+                kind = result.first_wrong_step["kind"]
+                first_wrong[kind] = first_wrong.get(kind, 0) + 1
         correct = sum(result.correct for result in group)
         return dict(problems=len(group), correct=correct, accuracy=correct / len(group),
                     failures=dict(sorted(failures.items())),
+                    first_wrong_steps=dict(sorted(first_wrong.items())),
                     mean_calls=sum(r.calls for r in group) / len(group),
                     mean_generated_tokens=sum(r.generated_tokens for r in group) / len(group),
                     wall_time_s=round(max(r.finished_at_s for r in group), 4))
@@ -340,6 +376,7 @@ def summarize(results: Sequence[ProblemResult], task_name: str, method: str, wal
             "final_text": r.final_text, "correct": r.correct, "failure": r.failure,
             "failure_message": r.failure_message, "calls": r.calls,
             "generated_tokens": r.generated_tokens, "limits": vars(r.limits),
+            "first_wrong_step": r.first_wrong_step,
             "trace": [{"depth": s.depth, "context": s.context, "completion": s.completion}
                       for s in r.trace],
         } for r in results],

@@ -327,8 +327,11 @@ def test_small_preset(method):
     assert all(-5 <= x <= 5 for items in problems for x in items)
     assert problems == list(task.training_problems(method, "small", random.Random(1)))
     assert problems != list(task.training_problems(method, "small", random.Random(2)))
-    base_case = task.records((3,), "retuning")[0][0]
-    assert task.retuning_copies(base_case, "small", random.Random(0)) == 20
+    # Every base case (11 dp-array and 22 chosen-indices inputs) x100, length-2 inputs x4, the rest once.
+    for items, copies in (((3,), 100), ((3, -1), 4), ((3, -1, 4), 1)):
+        for record_input, _ in task.records(items, "retuning"):
+            if task.record_length(record_input) == len(items):
+                assert task.retuning_copies(record_input, "small", random.Random(0)) == copies
 
 
 def test_unknown_preset_or_method_is_refused():

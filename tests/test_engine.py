@@ -201,3 +201,37 @@ def test_format_trace_shows_the_call_tree():
     assert lines[3].startswith("    [2] ")
     assert lines[-1].startswith("[0] ...Return: ") and "\\nAnswer:" in lines[-1]
     assert len(lines) == 1 + 5
+
+
+def test_first_wrong_step_names_where_a_solve_left_the_oracle():
+    """A model that follows the oracle except in two places: the combine of every 2-digit
+    sub-problem writes a wrong last digit, and a 5-digit problem's top-level call a wrong one.
+    The results name that step for each wrong problem, and count them per length."""
+    task = require("addition")
+
+    def complete(context):
+        expected = task.oracle(context, "retuning")
+        length = task.record_length(context)
+        if length == 2 and protocol.RETURN_TAG in context:
+            return expected[:-1] + str((int(expected[-1]) + 1) % 10)
+        if length == 5 and protocol.RETURN_TAG not in context and "Solution: " == context[-10:]:
+            return expected[:-2] + str((int(expected[-2]) + 1) % 10) + "\n"
+        return expected
+
+    results = evaluate(CallableBackend(complete), task, "retuning", [1, 4, 5], 2, seed=0, progress=False)
+    by_length = {n: [p for p in results["problems"] if p["length"] == n] for n in (1, 4, 5)}
+    assert all(p["correct"] and p["first_wrong_step"] is None for p in by_length[1])
+    for problem in by_length[4]:
+        wrong = problem["first_wrong_step"]
+        assert not problem["correct"]
+        assert (wrong["kind"], wrong["depth"], wrong["sub_length"]) == ("combine", 2, 2)
+        step = problem["trace"][wrong["step"]]
+        assert step["completion"] == wrong["written"] != wrong["expected"]
+        assert all(task.oracle(s["context"], "retuning") == s["completion"]
+                   for s in problem["trace"][:wrong["step"]])
+    for problem in by_length[5]:
+        wrong = problem["first_wrong_step"]
+        assert (wrong["step"], wrong["kind"], wrong["sub_length"]) == (0, "top-level call", 5)
+    assert results["lengths"]["4"]["first_wrong_steps"] == {"combine": 2}
+    assert results["lengths"]["5"]["first_wrong_steps"] == {"top-level call": 2}
+    assert results["lengths"]["1"]["first_wrong_steps"] == {}
