@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -341,14 +342,8 @@ def summarize(results: Sequence[ProblemResult], task_name: str, method: str, wal
         by_length.setdefault(result.length, []).append(result)
 
     def figures(group: Sequence[ProblemResult]) -> dict:
-        failures: dict[str, int] = {}
-        first_wrong: dict[str, int] = {}
-        for result in group:
-            if result.failure:
-                failures[result.failure] = failures.get(result.failure, 0) + 1
-            if result.first_wrong_step:
-                kind = result.first_wrong_step["kind"]
-                first_wrong[kind] = first_wrong.get(kind, 0) + 1
+        failures = Counter(r.failure for r in group if r.failure)
+        first_wrong = Counter(r.first_wrong_step["kind"] for r in group if r.first_wrong_step)
         correct = sum(result.correct for result in group)
         return dict(problems=len(group), correct=correct, accuracy=correct / len(group),
                     failures=dict(sorted(failures.items())),

@@ -214,7 +214,7 @@ def test_first_wrong_step_names_where_a_solve_left_the_oracle():
         length = task.record_length(context)
         if length == 2 and protocol.RETURN_TAG in context:
             return expected[:-1] + str((int(expected[-1]) + 1) % 10)
-        if length == 5 and protocol.RETURN_TAG not in context and "Solution: " == context[-10:]:
+        if length == 5 and protocol.RETURN_TAG not in context:
             return expected[:-2] + str((int(expected[-2]) + 1) % 10) + "\n"
         return expected
 
