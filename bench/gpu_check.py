@@ -3,11 +3,14 @@ model through ``train.py model=llama7b`` (fp32 weights + TF32 as the paper, and 
 then recursive evaluation of the adapter with ``evaluate_addition.py`` in fp16.
 
     python bench/gpu_check.py --out gpu_check            # on a machine with one 40 GB+ GPU
+    python bench/gpu_check.py --runs bf16:4,bf16:8,bf16:16,bf16:32 --no-eval   # microbatch sweep
 
 The weights are random (LLaMA-7B's shape: hidden 4096, 32 layers, 32 heads, intermediate
 11008, vocabulary 32000) and saved as a local Hugging Face checkpoint, so the run goes through
 exactly the ``from_pretrained`` path a user's ``huggyllama/llama-7b`` takes; only the tokenizer is
-the project's character tokenizer. Prints tokens/s, records/s and peak GPU memory per setting.
+the project's character tokenizer. Prints tokens/s, records/s and peak GPU memory per setting, and for each run the speedup of its
+microbatch size over the paper's microbatch of 4 with the same weights' dtype (the named baseline; the global batch and so
+the loss are the same, only the split into accumulation steps differs).
 ``--small`` shrinks the model to check the script itself on a CPU.
 """
 from __future__ import annotations
@@ -43,6 +46,8 @@ def make_random_checkpoint(path: str, shape: dict) -> float:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # else this process keeps ~26 GB that the training runs below need
     return time.time() - start
 
 
@@ -71,6 +76,10 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check")
     parser.add_argument("--small", action="store_true", help="a tiny model: checks the script on a CPU")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--runs", default="fp32:4,bf16:4",
+                        help="training runs as weights:microbatch, comma-separated (fp32 runs use TF32)")
+    parser.add_argument("--train-args", default="", help="extra train.py overrides, space-separated")
+    parser.add_argument("--no-eval", action="store_true", help="skip the recursive evaluation")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -85,21 +94,31 @@ def main() -> None:
     if not os.path.exists(os.path.join(checkpoint, "config.json")):
         report["make_checkpoint_s"] = make_random_checkpoint(checkpoint, SMALL if args.small else LLAMA_7B)
 
-    batch, micro = 32, 4  # the paper's microbatch of 4; a smaller global batch keeps the check short
-    for name, dtype in [("fp32_tf32", "float32"), ("bf16", "bfloat16")]:
+    batch = 32  # a small global batch keeps the check short
+    dtypes = {"fp32": "float32", "bf16": "bfloat16"}
+    settings = [(f"{weights}_micro{micro}", dtypes[weights], int(micro))
+                for weights, micro in (run.split(":") for run in args.runs.split(","))]
+    for name, dtype, micro in settings:
         run_dir = os.path.join(work, f"runs/{name}")
         seconds = run([python, "train.py", "model=llama7b", f"model.name_or_path={checkpoint}",
                        "model.tokenizer=char", f"model.dtype={dtype}",
                        f"datasets=[{data}/addition_retuning_small_train.json]", f"run_dir={run_dir}",
                        f"batch_size={batch}", f"gradient_accumulation_steps={batch // micro}",
                        f"n_examples={batch * args.steps}", "eval_every=100000", "n_eval_examples=64",
-                       "eval_batch_size=16", "log_every=1", "eval_at_start=false"],
+                       "eval_batch_size=16", "log_every=1", "eval_at_start=false", *args.train_args.split()],
                       os.path.join(out, f"train_{name}.log"))
         report[name] = {"wall_s": seconds, **train_metrics(run_dir)}
+        baseline = name.split("_")[0] + "_micro4"
+        if name != baseline and baseline in report:
+            report[name]["speedup_over_micro4"] = report[name]["records_per_s"] / report[baseline]["records_per_s"]
         print(name, json.dumps(report[name]), flush=True)
+    with open(os.path.join(out, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    if args.no_eval:
+        return
 
-    # The adapter trained with bf16 weights, evaluated recursively in fp16 on the GPU.
-    seconds = run([python, "evaluation/evaluate_addition.py", "--checkpoint", os.path.join(work, "runs/bf16"),
+    # The last run's adapter, evaluated recursively in fp16 on the GPU.
+    seconds = run([python, "evaluation/evaluate_addition.py", "--checkpoint", os.path.join(work, "runs", settings[-1][0]),
                    "--lengths", "2-4", "--samples", "4", "--dtype", "float16" if not args.small else "float32",
                    "--max-new-tokens", "24", "--out", os.path.join(out, "eval"), "--quiet"],
                   os.path.join(out, "evaluate.log"))

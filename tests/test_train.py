@@ -219,8 +219,9 @@ def test_every_model_config_composes_with_the_papers_key_names(model):
         assert cfg.model.lora_target_modules
         assert (cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm, cfg.batch_size) == (2e-4, 0.01, 1, 10.0, 128)
         assert (cfg.n_examples, cfg.n_epochs, cfg.eval_every, cfg.loss_reduction) == (500000, 5, 7936, "sum")
-    if model.startswith("llama"):
+    if model.startswith("llama"):  # the paper's fp32 weights with TF32 matmuls, no bf16 autocast
         assert list(cfg.model.lora_target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        assert (cfg.model.dtype, cfg.mixed_precision, cfg.tf32) == ("float32", "none", True)
 
 
 def test_without_held_out_records_no_eval_loss_is_invented_and_bad_options_fail_early(tmp_path):
