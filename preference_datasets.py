@@ -8,7 +8,8 @@ The name is the original code's; here there are no preferences, only supervised 
   ``"6"``, ``"5"``, ``"</s>"``; labels are -100 on the 16 prompt ids (and on padding).
 * ``batch_plan`` orders one epoch into global batches, grouped by length so that padding is a
   small share of the tokens computed; ``microbatches`` splits a global batch across processes and
-  gradient-accumulation steps; ``collate`` pads a microbatch into tensors.
+  gradient-accumulation steps; ``collate`` pads a microbatch into tensors, or
+  ``collate_packed`` packs several records into each row with attention kept inside each record.
 """
 from __future__ import annotations
 
@@ -198,6 +199,57 @@ def collate(data: TokenizedRecords, indices, pad_id: int) -> dict[str, torch.Ten
     in_loss = inside & (positions[None, :] >= data.prompt_lengths[indices][:, None])
     labels = np.where(in_loss, input_ids, IGNORE_INDEX)
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+
+
+def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: positions into ``lengths`` grouped into rows of at most ``capacity``
+    tokens. Lengths ``[5, 2, 3, 4]``, capacity 5 -> ``[[0], [3], [2, 1]]``."""
+    rows, room = [], []
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        fits = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fits is None:
+            rows.append([]), room.append(capacity)
+            fits = len(rows) - 1
+        rows[fits].append(int(i))
+        room[fits] -= int(lengths[i])
+    return rows
+
+
+def collate_packed(data: TokenizedRecords, indices, pad_id: int, position_ids=None) -> dict[str, torch.Tensor]:
+    """The records of ``collate`` packed several to a row (``pack_rows``, rows as wide as the
+    longest record), each keeping its own position ids and seeing only itself.
+
+    Records ``[a0 a1 a2]`` (prompt ``a0``) and ``[b0 b1]`` (prompt ``b0``) in one row of 5:
+    input_ids ``[a0 a1 a2 b0 b1]``, labels ``[-100 a1 a2 -100 b1]``, position_ids
+    ``[0 1 2 0 1]`` (or ``position_ids(padded records)``, e.g. line positions), and ``allowed``,
+    a ``[rows, 5, 5]`` bool: query i may attend to key j when both are in the same record and
+    j <= i (padding attends to itself only, so no row of the mask is empty). Losses summed over
+    these labels equal those of the padded batch.
+    """
+    padded = collate(data, indices, pad_id)
+    width = padded["input_ids"].shape[1]
+    positions = (position_ids(padded["input_ids"]) if position_ids is not None
+                 else torch.arange(width).expand_as(padded["input_ids"]))
+    lengths = data.lengths[np.asarray(indices)]
+    rows = pack_rows(lengths, width)
+    row_of, column_of = np.zeros(len(lengths), dtype=np.int64), np.zeros(len(lengths), dtype=np.int64)
+    for r, members in enumerate(rows):
+        row_of[members] = r
+        column_of[members] = np.concatenate([[0], np.cumsum(lengths[members])[:-1]])
+    inside = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+    target_rows = torch.from_numpy(row_of[:, None].repeat(width, axis=1))[inside]
+    target_columns = torch.from_numpy(column_of[:, None] + np.arange(width)[None, :])[inside]
+    padded["labels"][:, 0] = IGNORE_INDEX  # a record's first token must not be learnt from the one before it
+    segment = torch.arange(len(lengths)).unsqueeze(1).expand_as(inside)
+    out = {}
+    for name, source, fill in [("input_ids", padded["input_ids"], pad_id), ("labels", padded["labels"], IGNORE_INDEX),
+                               ("position_ids", positions, 0), ("segment", segment, -1)]:
+        out[name] = torch.full((len(rows), width), fill, dtype=torch.long)
+        out[name][target_rows, target_columns] = source[inside].long()
+    same_record = out["segment"][:, :, None] == out.pop("segment")[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    out["allowed"] = (same_record & causal) | torch.eye(width, dtype=torch.bool)
+    return out
 
 
 # --- batches -------------------------------------------------------------------------------

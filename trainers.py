@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling import LinePositions, replace_directory, save_model
-from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, microbatches,
-                                 steps_per_epoch)
+from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, collate_packed, microbatches,
+                                 pack_rows, steps_per_epoch)
 from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
                    autocast_context, barrier)
 
@@ -107,32 +107,48 @@ class Trainer:
     # --- pieces of a step --------------------------------------------------------------------
     def nll(self, data: TokenizedRecords, indices):
         """Summed NLL of the output tokens of some records."""
-        inputs = collate(data, indices, self.pad_id)
-        position_ids = self.line_positions.ids(inputs["input_ids"]) if self.line_positions else None
-        input_ids = inputs["input_ids"].to(self.processes.device, non_blocking=True)
-        labels = inputs["labels"].to(self.processes.device, non_blocking=True)
-        attention_mask = None  # right padding under a causal mask never affects real tokens
-        if position_ids is not None:
-            position_ids = position_ids.to(self.processes.device, non_blocking=True)
-            # Without a mask, transformers reads every jump in position_ids as the start of another
-            # packed sequence and would hide each line from the next.
-            attention_mask = torch.ones_like(input_ids)
+        if self.cfg.pack_records:
+            inputs = collate_packed(data, indices, self.pad_id, self.line_positions.ids if self.line_positions else None)
+            attention_mask = self.packed_attention_mask(inputs.pop("allowed"))
+        else:
+            inputs = collate(data, indices, self.pad_id)
+            attention_mask = None  # right padding under a causal mask never affects real tokens
+            if self.line_positions:
+                inputs["position_ids"] = self.line_positions.ids(inputs["input_ids"])
+                # Without a mask, transformers reads every jump in position_ids as the start of another
+                # packed sequence and would hide each line from the next.
+                attention_mask = torch.ones_like(inputs["input_ids"])
+        device = self.processes.device
+        labels = inputs.pop("labels").to(device, non_blocking=True)
+        inputs = {name: value.to(device, non_blocking=True) for name, value in inputs.items()}
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device, non_blocking=True)
         with self.autocast():
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False).logits
+            logits = self.model(**inputs, attention_mask=attention_mask, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX, reduction="sum")
         return nll
 
+    def packed_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The 4D mask transformers takes as given: bool for SDPA, additive for eager attention."""
+        implementation = self.raw_model.config._attn_implementation
+        if implementation == "sdpa":
+            return allowed[:, None]
+        if implementation == "eager":
+            blocked = torch.finfo(self.raw_model.dtype).min
+            return torch.zeros(allowed.shape, dtype=self.raw_model.dtype).masked_fill(~allowed, blocked)[:, None]
+        raise ValueError(f"pack_records=true needs sdpa or eager attention, not {implementation!r}; "
+                         "set pack_records=false")
+
     def zero_stats(self):
         return torch.zeros((), device=self.processes.device), np.zeros(4), time.perf_counter()
 
-    @staticmethod
-    def counts(data: TokenizedRecords, indices) -> np.ndarray:
+    def counts(self, data: TokenizedRecords, indices) -> np.ndarray:
         """[records, loss tokens, real tokens, computed tokens (padding included)] of a microbatch."""
         lengths = data.lengths[indices]
         in_loss = lengths - np.maximum(data.prompt_lengths[indices], 1)
-        return np.array([len(indices), in_loss.sum(), lengths.sum(), lengths.max() * len(indices)])
+        rows = len(pack_rows(lengths, lengths.max())) if self.cfg.pack_records else len(indices)
+        return np.array([len(indices), in_loss.sum(), lengths.sum(), lengths.max() * rows])
 
     def loss_denominator(self, batch) -> float:
         """Sequences (``sum``) or output tokens (``mean``) in the whole global batch."""

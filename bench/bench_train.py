@@ -1,12 +1,13 @@
-"""Training throughput: length-grouped vs random batches on the same data, and tokens per record
-of each method (the paper's point that Re-Tuning trains on fewer tokens than the scratchpad).
+"""Training throughput: random batches padded (the named baseline), random batches packed several
+records to a row (``pack_records``), and length-grouped batches, on the same data; and tokens per
+record of each method (the paper's point that Re-Tuning trains on fewer tokens than the scratchpad).
 
     python bench/bench_train.py                                # addition, small preset, tiny model, CPU
     python bench/bench_train.py --task dp --steps 60 --batch-size 32
     python bench/bench_train.py --data-dir data --preset paper  # existing files, no generation
 
-Both throughput runs use the real trainer (train.run) with the same config and seed, differing
-only in ``group_by_length``; the first logged interval of each is a warm-up and is left out.
+Every throughput run uses the real trainer with the same config and seed, differing only in
+``group_by_length`` and ``pack_records``; its first two steps are a warm-up and are left out.
 tokens/s counts real (non-padding) tokens, so padding removed shows up as speed.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from modeling import build_char_tokenizer  # noqa: E402
-from preference_datasets import padding_share, read_records, tokenize_records  # noqa: E402
+from preference_datasets import read_records, tokenize_records  # noqa: E402
 from tasks.base import METHODS  # noqa: E402
 from train import build, compose_config  # noqa: E402
 
@@ -54,14 +55,19 @@ def tokens_per_record(task: str, paths: dict[str, str], tokenizer) -> None:
               f"{(data.lengths - data.prompt_lengths).mean():>15.1f}{per_problem}")
 
 
-def throughput(path: str, args, folder: str, grouped: bool, round_: int) -> dict:
+BATCHINGS = {"random": ["group_by_length=false", "pack_records=false"],
+             "random, packed": ["group_by_length=false", "pack_records=true"],
+             "length-grouped": ["group_by_length=true", "pack_records=false"]}
+
+
+def throughput(path: str, args, folder: str, batching: str, round_: int) -> dict:
     """Train ``args.steps`` steps; real tokens per second of wall time and of process CPU time
     (the latter is steadier on a shared machine), and the padding share of computed tokens."""
-    cfg = compose_config([f"model={args.model}", f"datasets=[{path}]", f"run_dir={folder}/run-{grouped}-{round_}",
+    cfg = compose_config([f"model={args.model}", f"datasets=[{path}]", f"run_dir={folder}/run-{len(batching)}-{round_}",
                           f"batch_size={args.batch_size}", "gradient_accumulation_steps=1",
                           f"n_examples={args.steps * args.batch_size}", "n_epochs=1000", "eval_every=0",
                           "save_every=0", "eval_at_start=false", f"log_every={args.steps}", "n_eval_examples=8",
-                          f"group_by_length={str(grouped).lower()}", f"seed={args.seed}",
+                          *BATCHINGS[batching], f"seed={args.seed}",
                           f"num_threads={args.threads}" if args.threads else "num_threads=null"])
     trainer = build(cfg)
     trainer.total_steps = 2  # warm-up: the first steps pay for allocations
@@ -72,8 +78,8 @@ def throughput(path: str, args, folder: str, grouped: bool, round_: int) -> dict
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     trainer.logger.close()
     plan = [trainer.batch_at(step) for step in range(2, args.steps)]
-    tokens = sum(int(trainer.train_data.lengths[b].sum()) for b in plan)
-    return {"wall": tokens / wall, "cpu": tokens / cpu, "padding": padding_share(trainer.train_data, plan)}
+    records, _, tokens, computed = sum(trainer.counts(trainer.train_data, b) for b in plan)
+    return {"wall": tokens / wall, "cpu": tokens / cpu, "padding": 1 - tokens / computed}
 
 
 def main() -> None:
@@ -86,7 +92,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="alternate grouped/random this many times")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the batchings this many times")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -98,19 +104,17 @@ def main() -> None:
         paths = dataset_paths(args.task, args, folder)
         if args.method not in paths:
             sys.exit(f"error: no {args.method} training file for {args.task} / {args.preset}")
-        results = {True: [], False: []}
+        results = {batching: [] for batching in BATCHINGS}
         for round_ in range(args.rounds):
-            for grouped in (True, False):
-                results[grouped].append(throughput(paths[args.method], args, folder, grouped, round_))
+            for batching in BATCHINGS:
+                results[batching].append(throughput(paths[args.method], args, folder, batching, round_))
     print(f"\nThroughput on {os.path.basename(paths[args.method])}, model={args.model}, batch {args.batch_size}, "
           f"{args.steps - 2} timed steps x {args.rounds} rounds (medians; real tokens = not padding)")
-    print(f"{'batches':<16}{'tokens/s wall':>15}{'tokens/CPU-s':>14}{'padding share':>15}")
-    median = {g: {k: statistics.median(r[k] for r in results[g]) for k in ("wall", "cpu", "padding")} for g in results}
-    for grouped, label in ((False, "random"), (True, "length-grouped")):
-        m = median[grouped]
-        print(f"{label:<16}{m['wall']:>15.0f}{m['cpu']:>14.0f}{m['padding']:>15.1%}")
-    print(f"length-grouped / random: {median[True]['wall'] / median[False]['wall']:.2f}x tokens/s (wall), "
-          f"{median[True]['cpu'] / median[False]['cpu']:.2f}x tokens per CPU-second")
+    print(f"{'batches':<16}{'tokens/s wall':>15}{'tokens/CPU-s':>14}{'padding share':>15}{'vs random (wall)':>18}")
+    median = {b: {k: statistics.median(r[k] for r in results[b]) for k in ("wall", "cpu", "padding")} for b in results}
+    for batching, m in median.items():
+        print(f"{batching:<16}{m['wall']:>15.0f}{m['cpu']:>14.0f}{m['padding']:>15.1%}"
+              f"{m['wall'] / median['random']['wall']:>17.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
-from modeling import build_char_tokenizer
-from preference_datasets import (IGNORE_INDEX, DatasetError, batch_plan, collate, dataset_meta,
+from modeling import LinePositions, build_char_tokenizer
+from preference_datasets import (IGNORE_INDEX, DatasetError, batch_plan, collate, collate_packed, dataset_meta,
+                                 pack_rows,
                                  load_splits, microbatches, padding_share, read_records, sibling_path,
                                  steps_per_epoch, tokenize_records)
 from tests.test_train_fixtures import addition_records, write_dataset
@@ -120,3 +122,34 @@ def test_microbatches_split_a_global_batch_exactly():
     assert all(len(p) == 3 and all(len(m) == 4 for m in p) for p in parts)
     assert sorted(np.concatenate([m for p in parts for m in p]).tolist()) == list(range(24))
     assert parts[0][0].tolist() == [0, 1, 2, 3] and parts[1][0].tolist() == [4, 5, 6, 7]
+
+
+def test_pack_rows_places_every_record_once_within_capacity():
+    assert pack_rows(np.array([5, 2, 3, 4]), 5) == [[0], [3], [2, 1]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.integers(1, 40, size=rng.integers(1, 50))
+        rows = pack_rows(lengths, int(lengths.max()))
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert all(lengths[row].sum() <= lengths.max() for row in rows)
+
+
+def test_packed_records_keep_their_tokens_labels_positions_and_see_only_themselves(tokenizer):
+    data = tokenize_records([("123\n", "ab"), ("1\n", "a"), ("\n", "b")], tokenizer, 100, 100)
+    assert data.lengths.tolist() == [7, 4, 3]  # EOS included
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    packed = collate_packed(data, [0, 1, 2], tokenizer.pad_token_id, LinePositions(newline, 10).ids)
+    ids, labels, allowed = packed["input_ids"], packed["labels"], packed["allowed"]
+    assert ids.shape == (2, 7) and allowed.shape == (2, 7, 7)  # rows [123\nab</s>], [1\na</s> \nb</s>]
+    assert tokenizer.decode(ids[1].tolist()) == "1\na</s>\nb</s>"
+    assert packed["position_ids"][1].tolist() == [0, 1, 10, 11, 0, 10, 11]  # each record its own lines
+    learnt = ids[1].where(labels[1] != IGNORE_INDEX, -1).tolist()
+    assert learnt == [-1, -1, ids[1, 2], tokenizer.eos_token_id, -1, ids[1, 5], tokenizer.eos_token_id]
+    second = torch.zeros(7, 7, dtype=torch.bool)
+    second[:4, :4] = torch.ones(4, 4, dtype=torch.bool).tril()
+    second[4:, 4:] = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert torch.equal(allowed[1], second)  # causal inside each record, nothing across
+    assert torch.equal(allowed[0], torch.ones(7, 7, dtype=torch.bool).tril())
+    padded = collate(data, [0, 1, 2], tokenizer.pad_token_id)
+    assert sorted((l != IGNORE_INDEX).sum().item() for l in labels) == [3, 4]
+    assert (padded["labels"] != IGNORE_INDEX).sum() == (labels != IGNORE_INDEX).sum()

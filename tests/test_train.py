@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ import trainers
 from modeling import LinePositions, load_checkpoint
 from preference_datasets import DatasetError
 from tests.test_train_fixtures import addition_records, write_dataset
-from train import compose_config, run
+from train import build, compose_config, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ["model.llama_config.hidden_size=32", "model.llama_config.intermediate_size=64",
@@ -90,6 +91,34 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, d
         other = run(config(tmp_path, dataset, *common[:-1], "loss_reduction=sum", name="sum"))
         with pytest.raises(AssertionError):
             assert_same_weights(weights(f"{one}/final"), weights(f"{other}/final"))
+
+
+@pytest.mark.parametrize("stride", [0, 4])  # ordinary positions; line positions that overlap long lines
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, dataset, stride, attention, lora):
+    trainer = build(config(tmp_path, dataset, f"model.llama_config.line_position_stride={stride}",
+                           f"lora.enabled={str(lora).lower()}", "lora.lora_dropout=0"))
+    trainer.raw_model.set_attn_implementation(attention)
+    by_length = trainer.train_data.lengths.argsort(kind="stable")
+    indices = np.concatenate([by_length[:6], by_length[-2:]])  # short records share the longest's rows
+    lengths = trainer.train_data.lengths[indices]
+
+    def loss_and_gradient(packed):
+        trainer.cfg.pack_records = packed
+        trainer.optimizer.zero_grad(set_to_none=True)
+        nll = trainer.nll(trainer.train_data, indices)
+        nll.backward()
+        return nll.detach(), torch.cat([p.grad.flatten() for p in trainer.params])
+
+    padded_loss, padded_gradient = loss_and_gradient(False)
+    packed_loss, packed_gradient = loss_and_gradient(True)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed_gradient, padded_gradient, rtol=1e-4, atol=1e-6)
+    trainer.cfg.pack_records = True
+    records, loss_tokens, real, computed = trainer.counts(trainer.train_data, indices)
+    assert real == lengths.sum() and real <= computed < lengths.max() * len(indices)  # less padding computed
+    trainer.logger.close()
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
