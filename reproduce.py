@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from data_generation.pipeline import file_names, generate
@@ -96,6 +96,16 @@ def run_child(args: list[str], log_path: str | None, threads: int) -> float:
     return usage.ru_maxrss / 1024  # KiB on Linux
 
 
+def override_value(value, inside: bool = False) -> str:
+    """A config value as Hydra's command line writes it: ``[{after: "+", max: 16}]`` ->
+    ``[{after:"+",max:16}]``; a scalar (or a string given on the command line) as it is."""
+    if isinstance(value, (list, ListConfig)):
+        return "[" + ",".join(override_value(v, inside=True) for v in value) + "]"
+    if isinstance(value, (dict, DictConfig)):
+        return "{" + ",".join(f"{k}:{override_value(v, inside=True)}" for k, v in value.items()) + "}"
+    return json.dumps(value) if inside and isinstance(value, str) else str(value)
+
+
 def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_path: str | None,
           threads: int) -> None:
     """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
@@ -104,7 +114,7 @@ def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_p
         return
     args = [sys.executable, os.path.join(REPO_ROOT, "train.py"), f"model={cfg.model}",
             f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}", f"run_dir={run_dir}",
-            f"seed={cfg.seed}", *[f"{key}={value}" for key, value in overrides.items()]]
+            f"seed={cfg.seed}", *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
     if os.path.isdir(run_dir):
         args.append(f"resume={run_dir}")
     tqdm.write(" ".join(args[1:]))

@@ -5,7 +5,8 @@ One global batch of ``batch_size`` records per optimizer step, split over proces
 log-likelihood (prompt and padding are -100), reduced either as the paper does (``sum``: per
 sequence, averaged over the global batch's sequences) or per token (``mean``: averaged over the
 global batch's output tokens). Each microbatch's sum is divided by the *global* batch's count,
-known before the step, so accumulation gives exactly the gradient of one big batch.
+known before the step, so accumulation gives exactly the gradient of one big batch. With
+``pack_records`` a microbatch's records share rows, each seeing only itself: the same sums.
 
 A checkpoint ``<run_dir>/step-<n>/`` (and ``final/``) holds the model (or LoRA adapter) and the
 tokenizer in Hugging Face format, plus what resuming needs beside it: ``optimizer.pt`` (tensors,
@@ -52,6 +53,13 @@ class Trainer:
         if cfg.n_examples:
             self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
         self.line_positions = LinePositions.of(model, tokenizer)
+        self.gap_markers = []  # (ids of one entry's marker tokens, its largest gap)
+        for entry in cfg.position_gaps or []:
+            ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in entry["after"]]
+            if not self.line_positions or any(len(i) != 1 for i in ids):
+                raise ValueError(f"position_gaps: {entry['after']!r} must be characters of one token each, "
+                                 "and position gaps need line positions")
+            self.gap_markers.append((torch.tensor([i[0] for i in ids]), int(entry["max"])))
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -64,6 +72,8 @@ class Trainer:
         self.label_counts = train_data.label_counts()
         self.start_step, self._plan_epoch, self._plan = 0, None, None
         self.loss_denominator(np.arange(1)), self.lr_at(0)  # a misspelt option fails before any work
+        if cfg.pack_records:
+            self.packed_attention_mask(torch.ones(1, 1, 1, dtype=torch.bool))
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
@@ -108,13 +118,13 @@ class Trainer:
     def nll(self, data: TokenizedRecords, indices):
         """Summed NLL of the output tokens of some records."""
         if self.cfg.pack_records:
-            inputs = collate_packed(data, indices, self.pad_id, self.line_positions.ids if self.line_positions else None)
+            inputs = collate_packed(data, indices, self.pad_id, self.position_ids if self.line_positions else None)
             attention_mask = self.packed_attention_mask(inputs.pop("allowed"))
         else:
             inputs = collate(data, indices, self.pad_id)
             attention_mask = None  # right padding under a causal mask never affects real tokens
             if self.line_positions:
-                inputs["position_ids"] = self.line_positions.ids(inputs["input_ids"])
+                inputs["position_ids"] = self.position_ids(inputs["input_ids"])
                 # Without a mask, transformers reads every jump in position_ids as the start of another
                 # packed sequence and would hide each line from the next.
                 attention_mask = torch.ones_like(inputs["input_ids"])
@@ -128,6 +138,24 @@ class Trainer:
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX, reduction="sum")
         return nll
+
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Line positions; in training with ``position_gaps``, each record (row) also draws, for
+        each entry, a gap g in 0..max added to every token of each line from the line's first
+        marker on. With ``[{after: "+", max: 16}]``, ``"12 + 34\nSolution: Call: 2 + 4"`` has
+        ``+ 34`` and ``+ 4`` g further on: the copy between the lines keeps its distance while the
+        distance between the operands varies (docs/tiny_model.md)."""
+        ids, _ = self.line_positions.ids_and_line_starts(input_ids)
+        if not self.gap_markers or not self.model.training:
+            return ids
+        line_start = torch.nn.functional.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
+        for marker_ids, largest in self.gap_markers:
+            is_marker = torch.isin(input_ids, marker_ids).long()
+            markers = is_marker.cumsum(dim=1)
+            before_line = torch.where(line_start, markers - is_marker, 0).cummax(dim=1).values
+            gaps = torch.randint(0, largest + 1, (len(input_ids), 1))
+            ids = ids + gaps * (markers > before_line)
+        return ids
 
     def packed_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """The 4D mask transformers takes as given: bool for SDPA, additive for eager attention."""

@@ -93,3 +93,11 @@ def test_every_training_override_in_the_reproduce_config_lands_in_the_training_c
                     assert OmegaConf.select(cfg, key) == value, (task, preset, group, key)
                     checked += 1
     assert checked >= 3  # parity's stride, parity's and dp's initialisation
+
+
+def test_config_values_reach_train_py_as_hydra_overrides_that_parse_back():
+    from reproduce import override_value
+    gaps = OmegaConf.create({"gaps": [{"after": "+", "max": 16}, {"after": "0123456789", "max": 4}]}).gaps
+    assert override_value(gaps) == '[{after:"+",max:16},{after:"0123456789",max:4}]'
+    cfg = compose_config([f"position_gaps={override_value(gaps)}", f"lr={override_value(0.002)}"])
+    assert OmegaConf.to_container(cfg.position_gaps) == OmegaConf.to_container(gaps) and cfg.lr == 0.002

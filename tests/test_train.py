@@ -118,7 +118,36 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, da
     trainer.cfg.pack_records = True
     records, loss_tokens, real, computed = trainer.counts(trainer.train_data, indices)
     assert real == lengths.sum() and real <= computed < lengths.max() * len(indices)  # less padding computed
+    trainer.raw_model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
+    with pytest.raises(ValueError, match="pack_records=true needs sdpa or eager attention"):
+        trainer.nll(trainer.train_data, indices)
     trainer.logger.close()
+
+
+def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_training_only(tmp_path, dataset):
+    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
+                           'position_gaps=[{after:"+",max:16},{after:"0123456789",max:16}]'))
+    text = ["12 + 34\nSolution: Call: 2 + 4\n", "5 + 6\nSolution: "]
+    ids = trainer.tokenizer(text, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+    plain = trainer.line_positions.ids(ids)
+    torch.manual_seed(0)
+    draws = [trainer.position_ids(ids) - plain for _ in range(50)]
+    for shift in draws:
+        row = shift[0].tolist()
+        digit_gap, plus_gap = row[0], row[3] - row[0]  # "1" (first digit), "+"
+        assert row[:3] == [digit_gap] * 3 and row[3:8] == [digit_gap + plus_gap] * 5  # "+ 34\n"
+        assert row[8:24] == [0] * 16  # "Solution: Call: " comes before the line's first digit
+        assert row[24:26] == [digit_gap] * 2 and row[26:30] == [digit_gap + plus_gap] * 4
+        assert 0 <= digit_gap <= 16 and 0 <= plus_gap <= 16
+        # so the call's "2" and "4" sit as far from the "2" and "4" they copy as without gaps
+    assert len({tuple(shift[0].tolist()) for shift in draws}) > 10  # drawn anew for each batch
+    assert len({(shift[0, 0].item(), shift[1, 0].item()) for shift in draws}) > 10  # and per record
+    trainer.model.eval()
+    assert torch.equal(trainer.position_ids(ids), plain)  # held-out loss and inference: no gaps
+    trainer.logger.close()
+    with pytest.raises(ValueError, match="position_gaps"):
+        build(config(tmp_path, dataset, "model.llama_config.line_position_stride=0",
+                     'position_gaps=[{after:"+",max:4}]', name="ordinary"))
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
