@@ -208,7 +208,8 @@ def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     for i in np.argsort(-np.asarray(lengths), kind="stable"):
         fits = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if fits is None:
-            rows.append([]), room.append(capacity)
+            rows.append([])
+            room.append(capacity)
             fits = len(rows) - 1
         rows[fits].append(int(i))
         room[fits] -= int(lengths[i])
@@ -223,7 +224,7 @@ def collate_packed(data: TokenizedRecords, indices, pad_id: int, position_ids=No
     input_ids ``[a0 a1 a2 b0 b1]``, labels ``[-100 a1 a2 -100 b1]``, position_ids
     ``[0 1 2 0 1]`` (or ``position_ids(padded records)``, e.g. line positions), and ``allowed``,
     a ``[rows, 5, 5]`` bool: query i may attend to key j when both are in the same record and
-    j <= i (padding attends to itself only, so no row of the mask is empty). Losses summed over
+    j <= i (padding only to padding and itself, so no row of the mask is empty). Losses summed over
     these labels equal those of the padded batch.
     """
     padded = collate(data, indices, pad_id)

@@ -63,7 +63,7 @@ BATCHINGS = {"random": ["group_by_length=false", "pack_records=false"],
 def throughput(path: str, args, folder: str, batching: str, round_: int) -> dict:
     """Train ``args.steps`` steps; real tokens per second of wall time and of process CPU time
     (the latter is steadier on a shared machine), and the padding share of computed tokens."""
-    cfg = compose_config([f"model={args.model}", f"datasets=[{path}]", f"run_dir={folder}/run-{len(batching)}-{round_}",
+    cfg = compose_config([f"model={args.model}", f"datasets=[{path}]", f"run_dir={folder}/run-{batching.replace(', ', '-')}-{round_}",
                           f"batch_size={args.batch_size}", "gradient_accumulation_steps=1",
                           f"n_examples={args.steps * args.batch_size}", "n_epochs=1000", "eval_every=0",
                           "save_every=0", "eval_at_start=false", f"log_every={args.steps}", "n_eval_examples=8",
@@ -78,7 +78,7 @@ def throughput(path: str, args, folder: str, batching: str, round_: int) -> dict
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     trainer.logger.close()
     plan = [trainer.batch_at(step) for step in range(2, args.steps)]
-    records, _, tokens, computed = sum(trainer.counts(trainer.train_data, b) for b in plan)
+    _, _, tokens, computed = sum(trainer.counts(trainer.train_data, b) for b in plan)
     return {"wall": tokens / wall, "cpu": tokens / cpu, "padding": 1 - tokens / computed}
 
 
