@@ -7,6 +7,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from reproduce import override_value
 from train import compose_config  # the repository root is on sys.path (conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,15 +89,14 @@ def test_every_training_override_in_the_reproduce_config_lands_in_the_training_c
             for group, overrides in settings.train.items():
                 if not overrides:
                     continue
-                cfg = compose_config(["model=tiny", *[f"{key}={value}" for key, value in overrides.items()]])
+                cfg = compose_config(["model=tiny", *[f"{key}={override_value(value)}" for key, value in overrides.items()]])
                 for key, value in overrides.items():
                     assert OmegaConf.select(cfg, key) == value, (task, preset, group, key)
                     checked += 1
-    assert checked >= 3  # parity's stride, parity's and dp's initialisation
+    assert checked >= 4  # parity's stride, parity's and dp's initialisation, addition Re-Tuning's gaps
 
 
 def test_config_values_reach_train_py_as_hydra_overrides_that_parse_back():
-    from reproduce import override_value
     gaps = OmegaConf.create({"gaps": [{"after": "+", "max": 16}, {"after": "0123456789", "max": 4}]}).gaps
     assert override_value(gaps) == '[{after:"+",max:16},{after:"0123456789",max:4}]'
     cfg = compose_config([f"position_gaps={override_value(gaps)}", f"lr={override_value(0.002)}"])
