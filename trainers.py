@@ -145,10 +145,10 @@ class Trainer:
         marker on. With ``[{after: "+", max: 16}]``, ``"12 + 34\nSolution: Call: 2 + 4"`` has
         ``+ 34`` and ``+ 4`` g further on: the copy between the lines keeps its distance while the
         distance between the operands varies (docs/tiny_model.md)."""
-        ids, _ = self.line_positions.ids_and_line_starts(input_ids)
+        ids = self.line_positions.ids(input_ids)
         if not self.gap_markers or not self.model.training:
             return ids
-        line_start = torch.nn.functional.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
+        line_start = F.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
         for marker_ids, largest in self.gap_markers:
             is_marker = torch.isin(input_ids, marker_ids).long()
             markers = is_marker.cumsum(dim=1)
