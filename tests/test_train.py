@@ -124,6 +124,27 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, da
     trainer.logger.close()
 
 
+def test_a_microbatch_whose_records_cannot_share_a_row_stays_padded(tmp_path, dataset, monkeypatch):
+    trainer = build(config(tmp_path, dataset))
+    lengths = trainer.train_data.lengths
+    longest = lengths.argsort(kind="stable")[-4:]  # no two of the longest fit in one row
+    trainer.cfg.pack_records = False
+    padded = trainer.nll(trainer.train_data, longest)
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("collate_packed called for a microbatch that packs nothing")
+
+    monkeypatch.setattr("trainers.collate_packed", no_packing)
+    trainer.cfg.pack_records = True
+    assert trainer.packed_rows(trainer.train_data, longest) == 4
+    torch.testing.assert_close(trainer.nll(trainer.train_data, longest), padded)
+    assert trainer.counts(trainer.train_data, longest)[3] == lengths[longest].max() * 4
+    shares = np.concatenate([lengths.argsort(kind="stable")[:2], longest[-1:]])
+    with pytest.raises(AssertionError, match="collate_packed called"):
+        trainer.nll(trainer.train_data, shares)  # two short records fit beside each other
+    trainer.logger.close()
+
+
 def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_training_only(tmp_path, dataset):
     trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
                            'position_gaps=[{after:"+",max:16},{after:"0123456789",max:16}]'))
