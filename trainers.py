@@ -6,7 +6,8 @@ log-likelihood (prompt and padding are -100), reduced either as the paper does (
 sequence, averaged over the global batch's sequences) or per token (``mean``: averaged over the
 global batch's output tokens). Each microbatch's sum is divided by the *global* batch's count,
 known before the step, so accumulation gives exactly the gradient of one big batch. With
-``pack_records`` a microbatch's records share rows, each seeing only itself: the same sums.
+``pack_records`` a microbatch's records share rows where they fit, each seeing only itself: the
+same sums.
 
 A checkpoint ``<run_dir>/step-<n>/`` (and ``final/``) holds the model (or LoRA adapter) and the
 tokenizer in Hugging Face format, plus what resuming needs beside it: ``optimizer.pt`` (tensors,
@@ -179,8 +180,8 @@ class Trainer:
 
     def packed_rows(self, data: TokenizedRecords, indices) -> int:
         """Rows of a microbatch: fewer than its records where ``pack_records`` lets some share a row.
-        Where no two fit in the longest one's width (most DP microbatches) it stays padded: there
-        the 4D mask would only cost (DP scratchpad: 0.75x the padded tokens/s)."""
+        Where no two fit in the longest one's width (every DP baseline and scratchpad microbatch)
+        it stays padded: there the 4D mask would only cost (DP scratchpad: 0.75x the padded tokens/s)."""
         lengths = data.lengths[indices]
         return len(pack_rows(lengths, lengths.max())) if self.cfg.pack_records else len(indices)
 
