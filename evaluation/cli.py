@@ -88,7 +88,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None, str]
 
 def read_run_metadata(run_dir: Path | None, task_name: str) -> dict:
     """``{"methods": [...], "train_lengths": [...]}`` of the run's datasets for ``task_name``,
-    from ``data_meta.json`` (a list with one object per training dataset); empty when absent."""
+    from ``data_meta.json`` (a list with one object per training dataset); empty when absent or
+    when no dataset names its task (``[{"path": "my_records.json"}]``)."""
     if run_dir is None or not (run_dir / "data_meta.json").is_file():
         return {}
     file = run_dir / "data_meta.json"
@@ -102,8 +103,10 @@ def read_run_metadata(run_dir: Path | None, task_name: str) -> dict:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise SystemExit(f"error: {file}: expected a list of objects, one per training dataset")
     mine = [e for e in entries if e.get("task") == task_name]
-    if entries and not mine:
-        found = sorted({str(e.get("task")) for e in entries})
+    # A dataset the generators did not write (a user's own .json) names no task: no evidence
+    # against task_name, so only datasets of other tasks are an error.
+    found = sorted({e["task"] for e in entries if e.get("task")})
+    if found and not mine:
         raise SystemExit(f"error: {file}: the run was trained on task {', '.join(found)}, "
                          f"not {task_name}")
     methods = sorted({e["method"] for e in mine if e.get("method")})

@@ -88,6 +88,12 @@ def test_run_metadata(tmp_path):
                                                            "train_lengths": [1, 2, 3, 9]}
     with pytest.raises(SystemExit, match="data_meta.json: the run was trained on task addition, not parity"):
         cli.read_run_metadata(tmp_path, "parity")
+    # A dataset of the user's own (no task named) is no evidence against the task evaluated.
+    write_meta(tmp_path, [{"path": "mine.json"}])
+    assert cli.read_run_metadata(tmp_path, "parity") == {"methods": [], "train_lengths": []}
+    write_meta(tmp_path, [{"path": "mine.json"}, {"task": "dp", "method": "baseline"}])
+    with pytest.raises(SystemExit, match="trained on task dp, not parity"):
+        cli.read_run_metadata(tmp_path, "parity")
     (tmp_path / "data_meta.json").write_text("{not json")
     with pytest.raises(SystemExit, match="data_meta.json: not valid JSON"):
         cli.read_run_metadata(tmp_path, "addition")
