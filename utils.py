@@ -144,7 +144,10 @@ class MetricsLogger:
                 raise RuntimeError("tensorboard=true needs the `tensorboard` package") from error
             self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         if wandb_cfg is not None and wandb_cfg.get("enabled"):
-            import wandb
+            try:
+                import wandb
+            except ImportError as error:
+                raise RuntimeError("wandb.enabled=true needs the `wandb` package") from error
             self.wandb = wandb.init(project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
                                     config=config, dir=run_dir, name=os.path.basename(run_dir))
         self.handle = open(self.path, "a", encoding="utf-8")

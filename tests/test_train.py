@@ -171,6 +171,52 @@ def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_traini
                      'position_gaps=[{after:"+",max:4}]', name="ordinary"))
 
 
+def test_metrics_are_mirrored_to_tensorboard_and_wandb(tmp_path, dataset, monkeypatch):
+    """The same numbers at the same steps as metrics.jsonl; writers closed at the end. Neither
+    package is a dependency, so stand-ins record what the trainer hands them."""
+    scalars, closed, wandb_calls = [], [], []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((self.log_dir, key, value, step))
+
+        def close(self):
+            closed.append(self.log_dir)
+
+    class WandbRun:
+        def log(self, values, step):
+            wandb_calls.append(("log", dict(values), step))
+
+        def finish(self):
+            wandb_calls.append(("finish",))
+
+    def init(**settings):
+        wandb_calls.append(("init", settings))
+        return WandbRun()
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", type(sys)("fake_tb"))
+    sys.modules["torch.utils.tensorboard"].SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("fake_wandb"))
+    sys.modules["wandb"].init = init
+    run_dir = run(config(tmp_path, dataset, "tensorboard=true", "wandb.enabled=true",
+                         "wandb.project=rt-test"))
+
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    expected = [(os.path.join(run_dir, "tensorboard"), key, value, row["step"])
+                for row in rows for key, value in row.items()
+                if key not in ("step", "time") and isinstance(value, (int, float))]
+    assert scalars == expected
+    assert [s for s in scalars if s[1] == "eval/loss"] and closed == [os.path.join(run_dir, "tensorboard")]
+    assert wandb_calls[0][0] == "init" and wandb_calls[0][1]["project"] == "rt-test"
+    assert wandb_calls[0][1]["name"] == os.path.basename(run_dir) and wandb_calls[0][1]["config"]["lr"] == 1e-3
+    logged = [(values, step) for _, values, step in wandb_calls[1:-1]]
+    assert logged == [({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"]) for row in rows]
+    assert wandb_calls[-1] == ("finish",)
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
     # Dropout makes the run depend on RNG state and data position too.
     overrides = ["save_every=24", "eval_every=24", "model.llama_config.attention_dropout=0.2"]
