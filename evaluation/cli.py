@@ -88,8 +88,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None, str]
 
 def read_run_metadata(run_dir: Path | None, task_name: str) -> dict:
     """``{"methods": [...], "train_lengths": [...]}`` of the run's datasets for ``task_name``,
-    from ``data_meta.json`` (a list with one object per training dataset); empty when absent or
-    when no dataset names its task (``[{"path": "my_records.json"}]``)."""
+    from ``data_meta.json`` (a list with one object per training dataset); empty when absent, and
+    with empty lists when no dataset names a task (``[{"path": "my_records.json"}]``)."""
     if run_dir is None or not (run_dir / "data_meta.json").is_file():
         return {}
     file = run_dir / "data_meta.json"
