@@ -54,13 +54,18 @@ class Trainer:
         if cfg.n_examples:
             self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
         self.line_positions = LinePositions.of(model, tokenizer)
-        self.gap_markers = []  # (ids of one entry's marker tokens, its largest gap)
+        self.gap_markers = []  # (ids of one entry's marker tokens, its largest gap, steps it grows over)
         for entry in cfg.position_gaps or []:
+            unknown = set(entry) - {"after", "max", "grow_steps"}
+            if unknown:
+                raise ValueError(f"position_gaps: unknown key(s) {sorted(unknown)} in {dict(entry)}; "
+                                 "an entry has after, max and optionally grow_steps")
             ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in entry["after"]]
             if not self.line_positions or any(len(i) != 1 for i in ids):
                 raise ValueError(f"position_gaps: {entry['after']!r} must be characters of one token each, "
                                  "and position gaps need line positions")
-            self.gap_markers.append((torch.tensor([i[0] for i in ids]), int(entry["max"])))
+            self.gap_markers.append((torch.tensor([i[0] for i in ids]), int(entry["max"]),
+                                     int(entry.get("grow_steps", 0) or 0)))
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -72,6 +77,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id
         self.label_counts = train_data.label_counts()
         self.start_step, self._plan_epoch, self._plan = 0, None, None
+        self.step = 0  # the step being taken: growing position gaps depend on it
         self.loss_denominator(np.arange(1)), self.lr_at(0)  # a misspelt option fails before any work
         if cfg.pack_records:
             self.packed_attention_mask(torch.ones(1, 1, 1, dtype=torch.bool))
@@ -85,6 +91,7 @@ class Trainer:
             self.evaluate(step)
         loss_sum, counts, t0 = self.zero_stats()
         while step < self.total_steps:
+            self.step = step
             batch = self.batch_at(step)
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
@@ -145,12 +152,15 @@ class Trainer:
         each entry, a gap g in 0..max added to every token of each line from the line's first
         marker on. With ``[{after: "+", max: 16}]``, ``"12 + 34\nSolution: Call: 2 + 4"`` has
         ``+ 34`` and ``+ 4`` g further on: the copy between the lines keeps its distance while the
-        distance between the operands varies (docs/tiny_model.md)."""
+        distance between the operands varies (docs/tiny_model.md). An entry's ``grow_steps: N``
+        makes its max grow from 0 over the first N steps (parity's setting, docs/tiny_model.md)."""
         ids = self.line_positions.ids(input_ids)
         if not self.gap_markers or not self.model.training:
             return ids
         line_start = F.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
-        for marker_ids, largest in self.gap_markers:
+        for marker_ids, largest, grow_steps in self.gap_markers:
+            if grow_steps:
+                largest = round(largest * min(1.0, self.step / grow_steps))
             is_marker = torch.isin(input_ids, marker_ids).long()
             markers = is_marker.cumsum(dim=1)
             before_line = torch.where(line_start, markers - is_marker, 0).cummax(dim=1).values

@@ -171,6 +171,26 @@ def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_traini
                      'position_gaps=[{after:"+",max:4}]', name="ordinary"))
 
 
+def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
+    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
+                           'position_gaps=[{after:"+",max:40,grow_steps:100}]'))
+    ids = trainer.tokenizer(["12 + 34\nSolution: "], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    plain = trainer.line_positions.ids(ids)
+    torch.manual_seed(0)
+
+    def largest_gap_at(step):
+        trainer.step = step
+        return max(int((trainer.position_ids(ids) - plain).max()) for _ in range(200))
+
+    assert largest_gap_at(0) == 0
+    assert largest_gap_at(25) == 10  # a quarter of the way: gaps of 0..10
+    assert largest_gap_at(100) == largest_gap_at(5000) == 40
+    trainer.logger.close()
+    with pytest.raises(ValueError, match="grow_step"):  # a misspelt key is not silently ignored
+        build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
+                     'position_gaps=[{after:"+",max:40,grow_step:100}]', name="misspelt"))
+
+
 def test_metrics_are_mirrored_to_tensorboard_and_wandb(tmp_path, dataset, monkeypatch):
     """The same numbers at the same steps as metrics.jsonl; writers closed at the end. Neither
     package is a dependency, so stand-ins record what the trainer hands them."""
