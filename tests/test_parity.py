@@ -166,7 +166,8 @@ def test_small_preset(method):
 
 
 def test_small_retuning_preset_end_to_end():
-    """De-duplicate by input, then apply the copies: every length 2..10 weighs 2,048 records."""
+    """De-duplicate by input, then apply the copies: every length 2..10 weighs 2,048 records,
+    plus the extra copies of the combines whose call returned 0 (half of a length's 1,024)."""
     problems = list(task.training_problems("retuning", "small", random.Random(0)))
     assert len(problems) == len(set(problems)) == 1024
     distinct = {}
@@ -174,11 +175,15 @@ def test_small_retuning_preset_end_to_end():
         for record_input, output in task.records(bits, "retuning"):
             distinct.setdefault(record_input, output)
     assert len(distinct) == 4090
-    weight = collections.Counter()
+    weight, returned = collections.Counter(), collections.Counter()
     for record_input in distinct:
         length = record_input.split("]")[0].count(",") + 1
-        weight[length] += task.retuning_copies(record_input, "small", random.Random(0))
-    assert weight == {1: 1024, **{n: 2048 for n in range(2, 11)}}
+        copies = task.retuning_copies(record_input, "small", random.Random(0))
+        weight[length] += copies
+        if "Return: " in record_input:
+            returned[record_input.split("Return: ")[1][0]] += copies
+    assert weight == {1: 1024, **{n: 2048 + 512 for n in range(2, 11)}}
+    assert returned == {"0": 2 * 9 * 512, "1": 9 * 512}  # 2 of 3 combines answer with the first bit
 
 
 def test_unknown_preset_or_method_is_refused():
