@@ -18,8 +18,8 @@ Datasets (``training_problems`` / ``retuning_copies``), two presets:
   ``2048 // count`` times, so every length has exactly 2048 records (20,480 records). Re-Tuning:
   all 1,024 lists of length 10 (suffixes cover lengths 1..10; 19,456 raw records, 4,090 distinct);
   each distinct input of a length-L list is kept ``max(1, 1024 // 2**L)`` times, so every length
-  weighs 2,048 records (1,024 for the base cases), and a combine whose call returned 0 twice
-  that: 24,064 records. The combine's answer is the first bit XOR the returned parity; with the
+  weighs 2,048 records (1,024 for the base cases); then each combine whose call returned 0 is
+  kept twice as often again: 24,064 records. The combine's answer is the first bit XOR the returned parity; with the
   two returns equally often neither bit alone says anything about the answer, a saddle that
   held the tiny model at chance for 160 to all of its 1,500 steps, depending on the seed. With
   returns of 0 twice as often, the answer is the first bit in 2 of 3 combines, and every run
