@@ -19,11 +19,11 @@ Datasets (``training_problems`` / ``retuning_copies``), two presets:
   all 1,024 lists of length 10 (suffixes cover lengths 1..10; 19,456 raw records, 4,090 distinct);
   each distinct input of a length-L list is kept ``max(1, 1024 // 2**L)`` times, so every length
   weighs 2,048 records (1,024 for the base cases); then each combine whose call returned 0 is
-  kept twice as often again: 24,064 records. The combine's answer is the first bit XOR the returned parity; with the
-  two returns equally often neither bit alone says anything about the answer, a saddle that
-  held the tiny model at chance for 160 to all of its 1,500 steps, depending on the seed. With
-  returns of 0 twice as often, the answer is the first bit in 2 of 3 combines, and every run
-  left the saddle by step 590 (docs/tiny_model.md).
+  kept twice as often again: 24,064 records. The combine's answer is the first bit XOR the
+  returned parity; with the two returns equally often neither bit alone says anything about the
+  answer, a saddle that held the tiny model at chance for 160 to all of its 1,500 steps,
+  depending on the seed. With returns of 0 twice as often, the answer is the first bit in 2 of 3
+  combines, and every run left the saddle by step 590 (docs/tiny_model.md).
 
 ``lengths`` overrides the lengths of the lists drawn (for Re-Tuning: of the top-level lists,
 whose suffixes supply every shorter length).
@@ -49,7 +49,7 @@ SMALL_LENGTHS = list(range(1, 11))
 SMALL_RETUNING_LENGTHS = [10]
 SMALL_RETUNING_LISTS = 1024
 SMALL_RECORDS_PER_LENGTH = 2048
-SMALL_EVEN_RETURN_WEIGHT = 2  # copies of a combine whose call returned 0, per copy of one that returned 1
+SMALL_EVEN_RETURN_WEIGHT = 2  # copies of a combine whose call returned 0, per one that returned 1
 
 
 def paper_list_count(n: int) -> int:
@@ -170,7 +170,9 @@ class ParityTask(Task):
         n = self.record_length(record_input)
         if preset == "small":
             copies = max(1, SMALL_RETUNING_LISTS // 2 ** n)
-            return copies * SMALL_EVEN_RETURN_WEIGHT if protocol.returned_answers(record_input) == ["0"] else copies
+            if protocol.returned_answers(record_input) == ["0"]:
+                copies *= SMALL_EVEN_RETURN_WEIGHT
+            return copies
         keep = paper_keep_probability(n)
         if keep < 1.0 and rng.random() >= keep:
             return 0
