@@ -24,6 +24,7 @@ import os
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
@@ -276,6 +277,74 @@ class LinePositions:
         newline = tokens == self.newline_id
         next_start = torch.where(newline, line_starts + self.stride, line_starts)
         return next_start, torch.where(newline, next_start, positions + 1)
+
+
+class PositionGap:
+    """One entry of the trainer's ``position_gaps``: in training only, each record draws a gap
+    g in 0..``largest`` and every line moves g positions on from a place this entry marks.
+
+    * ``{after: "+", max: 16}``: from the line's first ``+``. ``"12 + 34\nSolution: Call: 2 + 4"``
+      has ``+ 34`` and ``+ 4`` g further on: the copy between the lines keeps its distance while
+      the distance between the operands varies.
+    * ``{inside: "01, ", before: "]", from_right: 28, max: 32}``: from inside the run of
+      ``inside`` characters that ends just before ``before``, at its k-th token from the end (k
+      drawn in 1..``from_right`` per record; the run's first token if it is shorter).
+      ``"of [1, 0, 1]?\nSolution: Call: ... of [0, 1]?"`` with k = 4 moves ``0, 1]?`` in both
+      lines: copies that keep the list's end in place keep their distance, while how far the
+      list runs no longer follows its length (parity, docs/tiny_model.md).
+
+    ``grow_steps: N`` makes the largest gap grow from 0 over the first N training steps.
+    """
+
+    KEYS = {"after", "inside", "before", "from_right", "max", "grow_steps"}
+
+    def __init__(self, entry, tokenizer):
+        unknown = set(entry) - self.KEYS
+        if unknown:
+            raise ValueError(f"position_gaps: unknown key(s) {sorted(unknown)} in {dict(entry)}; an entry has "
+                             "either after, or inside, before and from_right; then max and optionally grow_steps")
+        if ("after" in entry) == ("inside" in entry) or ("inside" in entry) != ("before" in entry) \
+                or ("inside" in entry) != ("from_right" in entry) or "max" not in entry:
+            raise ValueError(f"position_gaps: {dict(entry)} needs max and either after, or inside, before "
+                             "and from_right")
+
+        def one_token_each(key):
+            ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in entry[key]]
+            if any(len(i) != 1 for i in ids):
+                raise ValueError(f"position_gaps: {key}={entry[key]!r} must be characters of one token each")
+            return torch.tensor([i[0] for i in ids])
+
+        self.after = one_token_each("after") if "after" in entry else None
+        self.inside = one_token_each("inside") if "inside" in entry else None
+        self.before = one_token_each("before") if "before" in entry else None
+        self.from_right = int(entry.get("from_right", 0))
+        self.largest, self.grow_steps = int(entry["max"]), int(entry.get("grow_steps", 0) or 0)
+
+    def starts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where a line may start moving (the move begins at the line's first such token)."""
+        if self.after is not None:
+            return torch.isin(input_ids, self.after)
+        rows, n = input_ids.shape
+        columns = torch.arange(n).expand_as(input_ids)
+        in_run = torch.isin(input_ids, self.inside)
+        run_end = torch.where(in_run, n, columns).flip(1).cummin(dim=1).values.flip(1)  # first token past the run
+        from_end = run_end - columns  # 1 for a run's last token
+        tail = F.pad(input_ids, (0, len(self.before)), value=-1)
+        ends_before = torch.ones_like(in_run)
+        for offset, token in enumerate(self.before.tolist()):
+            ends_before &= tail.gather(1, run_end + offset) == token
+        in_run &= ends_before
+        first = in_run & ~F.pad(in_run[:, :-1], (1, 0), value=False)
+        k = torch.randint(1, self.from_right + 1, (rows, 1))
+        return in_run & ((from_end == k) | (first & (from_end < k)))
+
+    def shift(self, input_ids: torch.Tensor, line_start: torch.Tensor, step: int) -> torch.Tensor:
+        """Each token's gap: g (drawn per row) from its line's first start on, else 0."""
+        largest = round(self.largest * min(1.0, step / self.grow_steps)) if self.grow_steps else self.largest
+        starts = self.starts(input_ids).long()
+        seen = starts.cumsum(dim=1)
+        seen_before_line = torch.where(line_start, seen - starts, 0).cummax(dim=1).values
+        return torch.randint(0, largest + 1, (len(input_ids), 1)) * (seen > seen_before_line)
 
 
 def count_parameters(model) -> tuple[int, int]:

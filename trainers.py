@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling import LinePositions, replace_directory, save_model
+from modeling import LinePositions, PositionGap, replace_directory, save_model
 from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, collate_packed, microbatches,
                                  pack_rows, steps_per_epoch)
 from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
@@ -54,18 +54,9 @@ class Trainer:
         if cfg.n_examples:
             self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
         self.line_positions = LinePositions.of(model, tokenizer)
-        self.gap_markers = []  # (ids of one entry's marker tokens, its largest gap, steps it grows over)
-        for entry in cfg.position_gaps or []:
-            unknown = set(entry) - {"after", "max", "grow_steps"}
-            if unknown:
-                raise ValueError(f"position_gaps: unknown key(s) {sorted(unknown)} in {dict(entry)}; "
-                                 "an entry has after, max and optionally grow_steps")
-            ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in entry["after"]]
-            if not self.line_positions or any(len(i) != 1 for i in ids):
-                raise ValueError(f"position_gaps: {entry['after']!r} must be characters of one token each, "
-                                 "and position gaps need line positions")
-            self.gap_markers.append((torch.tensor([i[0] for i in ids]), int(entry["max"]),
-                                     int(entry.get("grow_steps", 0) or 0)))
+        self.position_gaps = [PositionGap(entry, tokenizer) for entry in cfg.position_gaps or []]
+        if self.position_gaps and not self.line_positions:
+            raise ValueError("position_gaps need line positions (the model's line_position_stride)")
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -148,24 +139,13 @@ class Trainer:
         return nll
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Line positions; in training with ``position_gaps``, each record (row) also draws, for
-        each entry, a gap g in 0..max added to every token of each line from the line's first
-        marker on. With ``[{after: "+", max: 16}]``, ``"12 + 34\nSolution: Call: 2 + 4"`` has
-        ``+ 34`` and ``+ 4`` g further on: the copy between the lines keeps its distance while the
-        distance between the operands varies (docs/tiny_model.md). An entry's ``grow_steps: N``
-        makes its max grow from 0 over the first N steps (parity's setting, docs/tiny_model.md)."""
+        """Line positions; in training, plus each of ``position_gaps`` (``modeling.PositionGap``)."""
         ids = self.line_positions.ids(input_ids)
-        if not self.gap_markers or not self.model.training:
+        if not self.position_gaps or not self.model.training:
             return ids
         line_start = F.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
-        for marker_ids, largest, grow_steps in self.gap_markers:
-            if grow_steps:
-                largest = round(largest * min(1.0, self.step / grow_steps))
-            is_marker = torch.isin(input_ids, marker_ids).long()
-            markers = is_marker.cumsum(dim=1)
-            before_line = torch.where(line_start, markers - is_marker, 0).cummax(dim=1).values
-            gaps = torch.randint(0, largest + 1, (len(input_ids), 1))
-            ids = ids + gaps * (markers > before_line)
+        for gap in self.position_gaps:
+            ids = ids + gap.shift(input_ids, line_start, self.step)
         return ids
 
     def packed_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,35 @@ def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_traini
                      'position_gaps=[{after:"+",max:4}]', name="ordinary"))
 
 
+def test_a_position_gap_inside_a_run_keeps_right_aligned_copies_and_varies_the_runs_span(tmp_path, dataset):
+    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
+                           'position_gaps=[{inside:"0123456789",before:" +",from_right:2,max:16}]'))
+    text = ["123 + 45\nSolution: Call: 23 + 5\n", "7 + 8\n9, 45 + 6\n"]
+    ids = trainer.tokenizer(text, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+    plain = trainer.line_positions.ids(ids)
+    torch.manual_seed(0)
+    cuts = set()
+    for _ in range(60):
+        row, short = (trainer.position_ids(ids) - plain).tolist()
+        cut = 1 if row[1] else 2  # before "2" (k = 2) or before "3" (k = 1) of "123"
+        gap = row[cut]
+        assert row[:cut] == [0] * cut and row[cut:9] == [gap] * (9 - cut) and 0 <= gap <= 16
+        assert row[9:25] == [0] * 16  # "Solution: Call: " stays, and so does "2" of "23" when k = 1
+        assert row[25:32] == [gap if cut == 1 else 0] + [gap] * 6
+        assert (row[1], row[2], row[7]) == (row[25], row[26], row[30])  # "23", "5" copied at their distance
+        assert short[:6] == [short[0]] * 6  # a run shorter than k moves from its first token
+        assert short[6:9] == [0] * 3 and short[10] == short[11]  # "9" does not end before " +"; "45" does
+        cuts.add(cut if gap else 0)
+    assert cuts == {0, 1, 2}
+    trainer.model.eval()
+    assert torch.equal(trainer.position_ids(ids), plain)
+    trainer.logger.close()
+    for entry in ['{after:"+",inside:"0123456789",before:" +",from_right:2,max:4}', '{inside:"0123456789",max:4}']:
+        with pytest.raises(ValueError, match="position_gaps: .* needs max and either after, or inside"):
+            build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
+                         f"position_gaps=[{entry}]", name="both"))
+
+
 def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
     trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
                            'position_gaps=[{after:"+",max:40,grow_steps:100}]'))
