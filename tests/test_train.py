@@ -145,13 +145,18 @@ def test_a_microbatch_whose_records_cannot_share_a_row_stays_padded(tmp_path, da
     trainer.logger.close()
 
 
-def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_training_only(tmp_path, dataset):
-    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
-                           'position_gaps=[{after:"+",max:16},{after:"0123456789",max:16}]'))
-    text = ["12 + 34\nSolution: Call: 2 + 4\n", "5 + 6\nSolution: "]
+def gap_trainer(tmp_path, dataset, gaps, text):
+    """A trainer with line positions and these position_gaps, the token ids of ``text`` (padded
+    rows) and their plain line positions."""
+    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64", f"position_gaps={gaps}"))
     ids = trainer.tokenizer(text, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
-    plain = trainer.line_positions.ids(ids)
     torch.manual_seed(0)
+    return trainer, ids, trainer.line_positions.ids(ids)
+
+
+def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_training_only(tmp_path, dataset):
+    trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"+",max:16},{after:"0123456789",max:16}]',
+                                      ["12 + 34\nSolution: Call: 2 + 4\n", "5 + 6\nSolution: "])
     draws = [trainer.position_ids(ids) - plain for _ in range(50)]
     for shift in draws:
         row = shift[0].tolist()
@@ -172,12 +177,8 @@ def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_traini
 
 
 def test_a_position_gap_inside_a_run_keeps_right_aligned_copies_and_varies_the_runs_span(tmp_path, dataset):
-    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
-                           'position_gaps=[{inside:"0123456789",before:" +",from_right:2,max:16}]'))
-    text = ["123 + 45\nSolution: Call: 23 + 5\n", "7 + 8\n9, 45 + 6\n"]
-    ids = trainer.tokenizer(text, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
-    plain = trainer.line_positions.ids(ids)
-    torch.manual_seed(0)
+    trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{inside:"0123456789",before:" +",from_right:2,max:16}]',
+                                      ["123 + 45\nSolution: Call: 23 + 5\n", "7 + 8\n9, 45 + 6\n"])
     cuts = set()
     for _ in range(60):
         row, short = (trainer.position_ids(ids) - plain).tolist()
@@ -201,11 +202,7 @@ def test_a_position_gap_inside_a_run_keeps_right_aligned_copies_and_varies_the_r
 
 
 def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
-    trainer = build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
-                           'position_gaps=[{after:"+",max:40,grow_steps:100}]'))
-    ids = trainer.tokenizer(["12 + 34\nSolution: "], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    plain = trainer.line_positions.ids(ids)
-    torch.manual_seed(0)
+    trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"+",max:40,grow_steps:100}]', ["12 + 34\nSolution: "])
 
     def largest_gap_at(step):
         trainer.step = step
