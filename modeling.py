@@ -317,8 +317,10 @@ class PositionGap:
         self.after = one_token_each("after") if "after" in entry else None
         self.inside = one_token_each("inside") if "inside" in entry else None
         self.before = one_token_each("before") if "before" in entry else None
-        self.from_right = int(entry.get("from_right", 0))
+        self.from_right = int(entry.get("from_right", 1))
         self.largest, self.grow_steps = int(entry["max"]), int(entry.get("grow_steps", 0) or 0)
+        if self.from_right < 1 or self.largest < 0 or self.grow_steps < 0:
+            raise ValueError(f"position_gaps: {dict(entry)} needs from_right >= 1, max >= 0 and grow_steps >= 0")
 
     def starts(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True where a line may start moving (the move begins at the line's first such token)."""

@@ -195,10 +195,13 @@ def test_a_position_gap_inside_a_run_keeps_right_aligned_copies_and_varies_the_r
     trainer.model.eval()
     assert torch.equal(trainer.position_ids(ids), plain)
     trainer.logger.close()
-    for entry in ['{after:"+",inside:"0123456789",before:" +",from_right:2,max:4}', '{inside:"0123456789",max:4}']:
-        with pytest.raises(ValueError, match="position_gaps: .* needs max and either after, or inside"):
+    for entry, complaint in [('{after:"+",inside:"0123456789",before:" +",from_right:2,max:4}', "either after, or"),
+                             ('{inside:"0123456789",max:4}', "either after, or"),
+                             ('{inside:"0123456789",before:" +",from_right:0,max:4}', "from_right >= 1"),
+                             ('{after:"+",max:-1}', "max >= 0")]:
+        with pytest.raises(ValueError, match=f"position_gaps: .* needs .*{complaint}"):
             build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64",
-                         f"position_gaps=[{entry}]", name="both"))
+                         f"position_gaps=[{entry}]", name="malformed"))
 
 
 def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
