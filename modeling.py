@@ -296,15 +296,15 @@ class PositionGap:
     ``grow_steps: N`` makes the largest gap grow from 0 over the first N training steps.
     """
 
-    KEYS = {"after", "inside", "before", "from_right", "max", "grow_steps"}
+    SHAPES = ({"after", "max"}, {"inside", "before", "from_right", "max"})  # each may add grow_steps
+    KEYS = set().union(*SHAPES, {"grow_steps"})
 
     def __init__(self, entry, tokenizer):
         unknown = set(entry) - self.KEYS
         if unknown:
             raise ValueError(f"position_gaps: unknown key(s) {sorted(unknown)} in {dict(entry)}; an entry has "
                              "either after, or inside, before and from_right; then max and optionally grow_steps")
-        if ("after" in entry) == ("inside" in entry) or ("inside" in entry) != ("before" in entry) \
-                or ("inside" in entry) != ("from_right" in entry) or "max" not in entry:
+        if set(entry) - {"grow_steps"} not in self.SHAPES:
             raise ValueError(f"position_gaps: {dict(entry)} needs max and either after, or inside, before "
                              "and from_right")
 
@@ -323,7 +323,8 @@ class PositionGap:
             raise ValueError(f"position_gaps: {dict(entry)} needs from_right >= 1, max >= 0 and grow_steps >= 0")
 
     def starts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """True where a line may start moving (the move begins at the line's first such token)."""
+        """True where a line may start moving (the move begins at the line's first such token).
+        An ``inside`` entry draws its k here, once per row."""
         if self.after is not None:
             return torch.isin(input_ids, self.after)
         rows, n = input_ids.shape
