@@ -291,7 +291,10 @@ class PositionGap:
       drawn in 1..``from_right`` per record; the run's first token if it is shorter).
       ``"of [1, 0, 1]?\nSolution: Call: ... of [0, 1]?"`` with k = 4 moves ``0, 1]?`` in both
       lines: copies that keep the list's end in place keep their distance, while how far the
-      list runs no longer follows its length (parity, docs/tiny_model.md).
+      list runs no longer follows its length (parity, docs/tiny_model.md). A record's end counts
+      as a newline here, so ``before: "\n"`` also marks the run that ends the output:
+      ``"...Return: Carry 0, Output 46\nAnswer: "`` + ``"Carry 0, Output 146"`` moves ``46`` and
+      ``146`` from the same k-th digit from the right, and the answer's copy keeps its distance.
 
     ``grow_steps: N`` makes the largest gap grow from 0 over the first N training steps.
     """
@@ -309,7 +312,8 @@ class PositionGap:
                              "and from_right")
 
         def one_token_each(key):
-            ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in entry[key]]
+            # Hydra keeps a command line's backslash-n as two characters; here it is the newline.
+            ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in entry[key].replace("\\n", "\n")]
             if any(len(i) != 1 for i in ids):
                 raise ValueError(f"position_gaps: {key}={entry[key]!r} must be characters of one token each")
             return torch.tensor([i[0] for i in ids])
@@ -317,6 +321,7 @@ class PositionGap:
         self.after = one_token_each("after") if "after" in entry else None
         self.inside = one_token_each("inside") if "inside" in entry else None
         self.before = one_token_each("before") if "before" in entry else None
+        self.newline, self.end_of_record = tokenizer("\n", add_special_tokens=False)["input_ids"][0], tokenizer.eos_token_id
         self.from_right = int(entry.get("from_right", 1))
         self.largest, self.grow_steps = int(entry["max"]), int(entry.get("grow_steps", 0) or 0)
         if self.from_right < 1 or self.largest < 0 or self.grow_steps < 0:
@@ -333,6 +338,7 @@ class PositionGap:
         run_end = torch.where(in_run, n, columns).flip(1).cummin(dim=1).values.flip(1)  # first token past the run
         from_end = run_end - columns  # 1 for a run's last token
         tail = F.pad(input_ids, (0, len(self.before)), value=-1)
+        tail = tail.masked_fill(tail == self.end_of_record, self.newline)
         ends_before = torch.ones_like(in_run)
         for offset, token in enumerate(self.before.tolist()):
             ends_before &= tail.gather(1, run_end + offset) == token

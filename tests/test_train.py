@@ -204,6 +204,25 @@ def test_a_position_gap_inside_a_run_keeps_right_aligned_copies_and_varies_the_r
                          f"position_gaps=[{entry}]", name="malformed"))
 
 
+def test_a_gap_before_a_newline_also_marks_the_run_that_ends_the_record(tmp_path, dataset):
+    text = "Return: Carry 0, Output 46\nAnswer: Carry 0, Output 146"
+    trainer, ids, _ = gap_trainer(tmp_path, dataset, '[{inside:"0123456789",before:"\\n",from_right:3,max:16}]', [text])
+    ids = torch.cat([ids, torch.tensor([[trainer.tokenizer.eos_token_id]])], dim=1)  # as every training record ends
+    plain = trainer.line_positions.ids(ids)
+    returned, answer = text.index("46"), text.index("146")
+    cuts = set()
+    for _ in range(60):
+        row = (trainer.position_ids(ids) - plain)[0].tolist()
+        gap = row[returned + 1]  # "6", the last digit, moves whatever k
+        assert 0 <= gap <= 16 and row[returned + 2] == row[-1] == gap  # and so do "\n" and the EOS
+        assert row[:returned] == [0] * returned and row[returned + 3:answer] == [0] * (answer - returned - 3)
+        assert row[answer + 1:answer + 3] == row[returned:returned + 2]  # "46" copied at its distance
+        if gap:
+            cuts.add(tuple(shift // gap for shift in row[answer:answer + 3]))
+    assert cuts == {(0, 0, 1), (0, 1, 1), (1, 1, 1)}  # k = 1, 2, 3 in "146"
+    trainer.logger.close()
+
+
 def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
     trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"+",max:40,grow_steps:100}]', ["12 + 34\nSolution: "])
 
