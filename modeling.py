@@ -280,7 +280,7 @@ class LinePositions:
 
 
 class PositionGap:
-    """One entry of the trainer's ``position_gaps``: in training only, each record draws a gap
+    r"""One entry of the trainer's ``position_gaps``: in training only, each record draws a gap
     g in 0..``largest`` and every line moves g positions on from a place this entry marks.
 
     * ``{after: "+", max: 16}``: from the line's first ``+``. ``"12 + 34\nSolution: Call: 2 + 4"``

@@ -103,7 +103,9 @@ def override_value(value, inside: bool = False) -> str:
         return "[" + ",".join(override_value(v, inside=True) for v in value) + "]"
     if isinstance(value, (dict, DictConfig)):
         return "{" + ",".join(f"{k}:{override_value(v, inside=True)}" for k, v in value.items()) + "}"
-    return json.dumps(value) if inside and isinstance(value, str) else str(value)
+    if inside and isinstance(value, str):  # quoted; a newline stays one, as Hydra reads no \n escape
+        return '"' + "\n".join(json.dumps(line)[1:-1] for line in value.split("\n")) + '"'
+    return str(value)
 
 
 def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_path: str | None,

@@ -97,7 +97,7 @@ def test_every_training_override_in_the_reproduce_config_lands_in_the_training_c
 
 
 def test_config_values_reach_train_py_as_hydra_overrides_that_parse_back():
-    gaps = OmegaConf.create({"gaps": [{"after": "+", "max": 16}, {"after": "0123456789", "max": 4}]}).gaps
-    assert override_value(gaps) == '[{after:"+",max:16},{after:"0123456789",max:4}]'
+    gaps = OmegaConf.create({"gaps": [{"after": "+", "max": 16}, {"inside": "0123456789", "before": "\n", "max": 4}]}).gaps
+    assert override_value(gaps) == '[{after:"+",max:16},{inside:"0123456789",before:"\n",max:4}]'  # a real newline: Hydra reads no \\n escape
     cfg = compose_config([f"position_gaps={override_value(gaps)}", f"lr={override_value(0.002)}"])
     assert OmegaConf.to_container(cfg.position_gaps) == OmegaConf.to_container(gaps) and cfg.lr == 0.002
