@@ -302,7 +302,7 @@ class PositionGap:
     SHAPES = ({"after", "max"}, {"inside", "before", "from_right", "max"})  # each may add grow_steps
     KEYS = set().union(*SHAPES, {"grow_steps"})
 
-    def __init__(self, entry, tokenizer):
+    def __init__(self, entry, tokenizer, newline_id: int):
         unknown = set(entry) - self.KEYS
         if unknown:
             raise ValueError(f"position_gaps: unknown key(s) {sorted(unknown)} in {dict(entry)}; an entry has "
@@ -321,7 +321,7 @@ class PositionGap:
         self.after = one_token_each("after") if "after" in entry else None
         self.inside = one_token_each("inside") if "inside" in entry else None
         self.before = one_token_each("before") if "before" in entry else None
-        self.newline, self.end_of_record = tokenizer("\n", add_special_tokens=False)["input_ids"][0], tokenizer.eos_token_id
+        self.newline, self.end_of_record = newline_id, tokenizer.eos_token_id  # LinePositions' newline
         self.from_right = int(entry.get("from_right", 1))
         self.largest, self.grow_steps = int(entry["max"]), int(entry.get("grow_steps", 0) or 0)
         if self.from_right < 1 or self.largest < 0 or self.grow_steps < 0:

@@ -54,9 +54,10 @@ class Trainer:
         if cfg.n_examples:
             self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
         self.line_positions = LinePositions.of(model, tokenizer)
-        self.position_gaps = [PositionGap(entry, tokenizer) for entry in cfg.position_gaps or []]
-        if self.position_gaps and not self.line_positions:
+        if cfg.position_gaps and not self.line_positions:
             raise ValueError("position_gaps need line positions (the model's line_position_stride)")
+        self.position_gaps = [PositionGap(entry, tokenizer, self.line_positions.newline_id)
+                              for entry in cfg.position_gaps or []]
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
