@@ -108,36 +108,80 @@ def override_value(value, inside: bool = False) -> str:
     return str(value)
 
 
+def settings_difference(path: str, settings: dict) -> str | None:
+    """How the settings recorded in ``path`` differ from ``settings``, or None where they are the
+    same: ``"train: seed=1 (was seed=0)"``, ``"data: n_train, tokens"``, ``"none recorded"``."""
+    if not os.path.exists(path):
+        return "none recorded"
+    with open(path) as handle:
+        recorded = json.load(handle)
+    changes = []
+    for part in sorted(set(settings) | set(recorded)):
+        new, old = settings.get(part), recorded.get(part)
+        if new == old:
+            continue
+        if isinstance(new, list) and isinstance(old, list):
+            added, removed = [a for a in new if a not in old], [a for a in old if a not in new]
+            changes.append(f"{part}: {' '.join(added) or '-'} (was {' '.join(removed) or '-'})")
+        elif isinstance(new, dict) and isinstance(old, dict):
+            keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+            changes.append(f"{part}: {', '.join(keys[:4])}" + (", ..." if len(keys) > 4 else ""))
+        else:
+            changes.append(part)
+    return "; ".join(changes) or None
+
+
 def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_path: str | None,
-          threads: int) -> None:
+          threads: int) -> dict:
     """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
-    peak resident memory beside the run's ``final/``."""
-    if os.path.exists(os.path.join(run_dir, "final")):
-        return
-    args = [sys.executable, os.path.join(REPO_ROOT, "train.py"), f"model={cfg.model}",
-            f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}", f"run_dir={run_dir}",
-            f"seed={cfg.seed}", *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
+    peak resident memory beside the run's ``final/``. Returns what ``run_dir/reproduce_args.json``
+    records of it, its arguments and its data's meta file: a run directory that holds a training
+    with others (the config was edited since) stops the run with an error, and nothing is lost."""
+    with open(train_path.replace("_train.json", "_meta.json")) as handle:
+        data_meta = json.load(handle)
+    args = [f"model={cfg.model}", f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}",
+            f"run_dir={run_dir}", f"seed={cfg.seed}",
+            *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
+    settings_path = os.path.join(run_dir, "reproduce_args.json")
+    recorded = {"train": args, "data": data_meta}
+    command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args]
     if os.path.isdir(run_dir):
-        args.append(f"resume={run_dir}")
-    tqdm.write(" ".join(args[1:]))
+        difference = settings_difference(settings_path, recorded)
+        if difference:
+            raise SystemExit(f"error: {run_dir} holds a training with other settings ({difference}); "
+                             "remove it, or set runs_dir= to train elsewhere")
+        if os.path.exists(os.path.join(run_dir, "final")):
+            return recorded
+        command.append(f"resume={run_dir}")
+    else:
+        os.makedirs(run_dir)
+        atomic_write_json(settings_path, recorded)
+    tqdm.write(" ".join(command[1:]))
     start = time.time()
-    peak_mb = run_child(args, log_path, threads)
+    peak_mb = run_child(command, log_path, threads)
     atomic_write_json(os.path.join(run_dir, STATS_FILE), {"train_wall_s": time.time() - start, "peak_rss_mb": peak_mb})
+    return recorded
 
 
 def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir: str,
-             settings: DictConfig, log_path: str | None, threads: int) -> dict:
-    """Run ``evaluation/evaluate_<task>.py`` on the run's final checkpoint in a child process."""
+             settings: DictConfig, training: dict, log_path: str | None, threads: int) -> dict:
+    """Run ``evaluation/evaluate_<task>.py`` on the run's final checkpoint in a child process,
+    unless ``out_dir`` holds results of this evaluation of the training ``training`` describes
+    (recorded in ``out_dir/reproduce_args.json``; training is deterministic, so the same
+    arguments and data mean the same model)."""
     results_path = os.path.join(out_dir, "results.json")
-    if not os.path.exists(results_path):
-        args = [sys.executable, os.path.join(REPO_ROOT, "evaluation", f"evaluate_{task_name}.py"),
-                "--checkpoint", run_dir, "--method", method, "--seed", str(cfg.seed), "--out", out_dir,
-                "--device", cfg.eval.device, "--dtype", cfg.eval.dtype]
-        for flag, value in [("--lengths", settings.eval_lengths), ("--samples", settings.eval_samples),
-                            ("--batch-size", cfg.eval.batch_size)]:
-            if value is not None:
-                args += [flag, str(value)]
-        run_child(args, log_path, threads)
+    args = ["--checkpoint", run_dir, "--method", method, "--seed", str(cfg.seed),
+            "--device", cfg.eval.device, "--dtype", cfg.eval.dtype]
+    for flag, value in [("--lengths", settings.eval_lengths), ("--samples", settings.eval_samples),
+                        ("--batch-size", cfg.eval.batch_size)]:
+        if value is not None:
+            args += [flag, str(value)]
+    settings_path = os.path.join(out_dir, "reproduce_args.json")
+    recorded = {**training, "evaluate": args}
+    if not os.path.exists(results_path) or settings_difference(settings_path, recorded):
+        script = os.path.join(REPO_ROOT, "evaluation", f"evaluate_{task_name}.py")
+        run_child([sys.executable, script, *args, "--out", out_dir], log_path, threads)
+        atomic_write_json(settings_path, recorded)
     return load_results(results_path)
 
 
@@ -213,16 +257,16 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
                        train_path: str, jobs: int, steps: tqdm) -> tuple[dict, dict]:
     """One method's training and evaluation; with several jobs at once their output goes to
     ``results/<task>/<method>/{train,eval}.log`` instead of the console."""
-    run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}")
+    run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}_seed{cfg.seed}")
     out_dir = os.path.join(cfg.results_dir, name, method)
     os.makedirs(out_dir, exist_ok=True)
     log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     overrides = {**training_budget(settings, train_path), **settings.train.get("common", {}),
                  **settings.train.get(method, {}), **dict(arg.split("=", 1) for arg in cfg.train_args)}
-    train(cfg, run_dir, train_path, overrides, log("train"), threads)
+    training = train(cfg, run_dir, train_path, overrides, log("train"), threads)
     steps.update()
-    results = evaluate(cfg, name, method, run_dir, out_dir, settings, log("eval"), threads)
+    results = evaluate(cfg, name, method, run_dir, out_dir, settings, training, log("eval"), threads)
     steps.update()
     return results, training_cost(run_dir)
 

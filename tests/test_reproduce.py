@@ -31,11 +31,11 @@ TOY = [
 ]
 
 
-def run_reproduce(tmp_path, *extra):
+def run_reproduce(tmp_path, *extra, check=True):
     args = [sys.executable, os.path.join(REPO, "reproduce.py"), f"data_dir={tmp_path}/data",
             f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", *TOY, *extra]
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or not check, done.stderr[-3000:]
     return done
 
 
@@ -65,7 +65,7 @@ def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
         assert rows[label][0] == pooled(lambda n: n <= max(trained_lengths))
         assert rows[label][1] == pooled(lambda n: n > max(trained_lengths))
         # Records trained: the toy run's 64 records, as the checkpoint says.
-        state = json.loads((tmp_path / "runs" / f"addition_{method}_small_tiny" / "final" /
+        state = json.loads((tmp_path / "runs" / f"addition_{method}_small_tiny_seed0" / "final" /
                             "trainer_state.json").read_text())
         assert state["records_seen"] == 64 and rows[label][3] == "64"
     # Re-Tuning records are shorter than the scratchpad's (the paper's token argument).
@@ -78,6 +78,34 @@ def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
     again = run_reproduce(tmp_path)
     assert "train.py" not in again.stdout + again.stderr
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_a_rerun_with_other_settings_redoes_or_refuses_what_they_change_and_keeps_the_rest(tmp_path):
+    run_reproduce(tmp_path, "methods=[retuning]")
+    model = tmp_path / "runs" / "addition_retuning_small_tiny_seed0" / "final" / "model.safetensors"
+    results = tmp_path / "results" / "addition" / "retuning" / "results.json"
+    trained_at = model.stat().st_mtime_ns
+
+    # Another seed: its own run directory, and the results are of that run.
+    again = run_reproduce(tmp_path, "methods=[retuning]", "seed=1")
+    assert "train.py" in again.stderr + again.stdout
+    assert (tmp_path / "runs" / "addition_retuning_small_tiny_seed1" / "final" / "model.safetensors").exists()
+    settings = json.loads(results.read_text())["settings"]
+    assert settings["seed"] == 1 and settings["run_dir"].endswith("_seed1")
+
+    # Back to seed 0 with more problems per length: evaluated again, not trained again.
+    again = run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
+    assert "train.py" not in again.stderr + again.stdout
+    evaluated = json.loads(results.read_text())
+    assert evaluated["settings"]["run_dir"].endswith("_seed0")
+    assert all(row["problems"] == 3 for row in evaluated["lengths"].values())
+
+    # Other training lengths change the data: the seed-0 run directory holds a training on the
+    # old data, so the run stops with an error that names it and the data, and keeps the model.
+    refused = run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.lengths=1-3", check=False)
+    assert refused.returncode != 0
+    assert "addition_retuning_small_tiny_seed0 holds a training with other settings (data: " in refused.stderr
+    assert model.stat().st_mtime_ns == trained_at
 
 
 def test_every_training_override_in_the_reproduce_config_lands_in_the_training_config():
