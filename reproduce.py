@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from data_generation.pipeline import file_names, generate
+from data_generation.pipeline import GENERATOR_VERSION, file_names, generate
 from evaluation.cli import parse_lengths
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
@@ -53,7 +53,8 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
     if os.path.exists(meta_path):  # the meta file is written last: its presence means complete
         with open(meta_path) as handle:
             meta = json.load(handle)
-        if meta.get("seed") == cfg.seed and meta.get("requested_lengths") == lengths:
+        if (meta.get("seed"), meta.get("requested_lengths"), meta.get("generator_version")) == (
+                cfg.seed, lengths, GENERATOR_VERSION):
             return train_path
     os.makedirs(cfg.data_dir, exist_ok=True)
     generate(task, method, preset, cfg.seed, cfg.data_dir, lengths)

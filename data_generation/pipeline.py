@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from tasks.base import Task
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # bump when any generated record changes: reproduce.py then makes its data anew
 TOKENIZER = ("character-level: one token per character of input and of output, plus one EOS "
              "token ending each output; tokens.max_input counts the input, tokens.max_output the "
              "output with its EOS, tokens.output_total the tokens the loss is taken on")

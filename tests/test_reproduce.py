@@ -129,3 +129,21 @@ def test_config_values_reach_train_py_as_hydra_overrides_that_parse_back():
     assert override_value(gaps) == '[{after:"+",max:16},{inside:"0123456789",before:"\n",max:4}]'  # a real newline: Hydra reads no \\n escape
     cfg = compose_config([f"position_gaps={override_value(gaps)}", f"lr={override_value(0.002)}"])
     assert OmegaConf.to_container(cfg.position_gaps) == OmegaConf.to_container(gaps) and cfg.lr == 0.002
+
+
+def test_data_of_another_seed_or_generator_version_is_made_anew(tmp_path):
+    from reproduce import make_data
+    cfg = OmegaConf.create({"data_dir": str(tmp_path), "seed": 0})
+    settings = OmegaConf.create({"lengths": "1-2"})
+    train_path = make_data(cfg, "parity", "baseline", "small", settings)
+    meta_path = tmp_path / "parity_baseline_small_meta.json"
+    first = json.loads(meta_path.read_text())
+    assert make_data(cfg, "parity", "baseline", "small", settings) == train_path
+    assert json.loads(meta_path.read_text()) == first  # the same settings: kept
+
+    meta_path.write_text(json.dumps({**first, "generator_version": first["generator_version"] - 1}))
+    make_data(cfg, "parity", "baseline", "small", settings)
+    assert json.loads(meta_path.read_text()) == first  # an older generator's data: made anew
+
+    make_data(OmegaConf.create({"data_dir": str(tmp_path), "seed": 1}), "parity", "baseline", "small", settings)
+    assert json.loads(meta_path.read_text())["seed"] == 1
