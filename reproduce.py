@@ -61,6 +61,12 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
     return train_path
 
 
+def data_meta(train_path: str) -> dict:
+    """The meta file written beside a training file (``x_train.json`` -> ``x_meta.json``)."""
+    with open(train_path.replace("_train.json", "_meta.json")) as handle:
+        return json.load(handle)
+
+
 def training_budget(settings: DictConfig, train_path: str) -> dict:
     """The same compute for every method: ``train_steps`` optimizer steps of about
     ``tokens_per_step`` tokens each, so a method with short records (the baseline) gets larger
@@ -68,8 +74,7 @@ def training_budget(settings: DictConfig, train_path: str) -> dict:
     and budget) when ``train_steps`` is null."""
     if not settings.get("train_steps"):
         return {}
-    with open(train_path.replace("_train.json", "_meta.json")) as handle:
-        tokens_per_record = json.load(handle)["tokens"]["mean"]
+    tokens_per_record = data_meta(train_path)["tokens"]["mean"]
     batch_size = max(1, round(settings.tokens_per_step / tokens_per_record))
     return {"batch_size": batch_size, "n_examples": batch_size * settings.train_steps}
 
@@ -138,13 +143,11 @@ def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_p
     peak resident memory beside the run's ``final/``. Returns what ``run_dir/reproduce_args.json``
     records of it, its arguments and its data's meta file: a run directory that holds a training
     with others (the config was edited since) stops the run with an error, and nothing is lost."""
-    with open(train_path.replace("_train.json", "_meta.json")) as handle:
-        data_meta = json.load(handle)
     args = [f"model={cfg.model}", f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}",
             f"run_dir={run_dir}", f"seed={cfg.seed}",
             *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
     settings_path = os.path.join(run_dir, "reproduce_args.json")
-    recorded = {"train": args, "data": data_meta}
+    recorded = {"train": args, "data": data_meta(train_path)}
     command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args]
     if os.path.isdir(run_dir):
         difference = settings_difference(settings_path, recorded)
