@@ -67,14 +67,14 @@ def data_meta(train_path: str) -> dict:
         return json.load(handle)
 
 
-def training_budget(settings: DictConfig, train_path: str) -> dict:
+def training_budget(settings: DictConfig, meta: dict) -> dict:
     """The same compute for every method: ``train_steps`` optimizer steps of about
     ``tokens_per_step`` tokens each, so a method with short records (the baseline) gets larger
     batches and one with long records (the scratchpad) smaller ones. Empty (train.py's own batch
     and budget) when ``train_steps`` is null."""
     if not settings.get("train_steps"):
         return {}
-    tokens_per_record = data_meta(train_path)["tokens"]["mean"]
+    tokens_per_record = meta["tokens"]["mean"]
     batch_size = max(1, round(settings.tokens_per_step / tokens_per_record))
     return {"batch_size": batch_size, "n_examples": batch_size * settings.train_steps}
 
@@ -137,17 +137,17 @@ def settings_difference(path: str, settings: dict) -> str | None:
     return "; ".join(changes) or None
 
 
-def train(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict, log_path: str | None,
-          threads: int) -> dict:
+def train(cfg: DictConfig, run_dir: str, train_path: str, meta: dict, overrides: dict,
+          log_path: str | None, threads: int) -> dict:
     """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
     peak resident memory beside the run's ``final/``. Returns what ``run_dir/reproduce_args.json``
-    records of it, its arguments and its data's meta file: a run directory that holds a training
+    records of it, its arguments and its data's ``meta``: a run directory that holds a training
     with others (the config was edited since) stops the run with an error, and nothing is lost."""
     args = [f"model={cfg.model}", f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}",
             f"run_dir={run_dir}", f"seed={cfg.seed}",
             *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
     settings_path = os.path.join(run_dir, "reproduce_args.json")
-    recorded = {"train": args, "data": data_meta(train_path)}
+    recorded = {"train": args, "data": meta}
     command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args]
     if os.path.isdir(run_dir):
         difference = settings_difference(settings_path, recorded)
@@ -266,9 +266,10 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
     os.makedirs(out_dir, exist_ok=True)
     log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    overrides = {**training_budget(settings, train_path), **settings.train.get("common", {}),
+    meta = data_meta(train_path)
+    overrides = {**training_budget(settings, meta), **settings.train.get("common", {}),
                  **settings.train.get(method, {}), **dict(arg.split("=", 1) for arg in cfg.train_args)}
-    training = train(cfg, run_dir, train_path, overrides, log("train"), threads)
+    training = train(cfg, run_dir, train_path, meta, overrides, log("train"), threads)
     steps.update()
     results = evaluate(cfg, name, method, run_dir, out_dir, settings, training, log("eval"), threads)
     steps.update()
