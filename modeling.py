@@ -296,18 +296,26 @@ class PositionGap:
       ``"...Return: Carry 0, Output 46\nAnswer: "`` + ``"Carry 0, Output 146"`` moves ``46`` and
       ``146`` from the same k-th digit from the right, and the answer's copy keeps its distance.
 
+    * ``{after: "R", max: 16, onward: true}``: the move does not stop at the line's end but
+      carries on to the record's end. ``"...Call: 2 + 4\nReturn: Carry 0, Output 6\nAnswer: "``
+      moves the return and answer lines together, g further from the problem and the call: the
+      answer's copy of the returned digits keeps its distance, while no fixed distance reaches
+      back into the call (addition, docs/tiny_model.md).
+
     ``grow_steps: N`` makes the largest gap grow from 0 over the first N training steps.
     """
 
-    SHAPES = ({"after", "max"}, {"inside", "before", "from_right", "max"})  # each may add grow_steps
-    KEYS = set().union(*SHAPES, {"grow_steps"})
+    SHAPES = ({"after", "max"}, {"inside", "before", "from_right", "max"})  # each may add OPTIONAL
+    OPTIONAL = {"grow_steps", "onward"}
+    KEYS = set().union(*SHAPES, OPTIONAL)
 
     def __init__(self, entry, tokenizer, newline_id: int):
         unknown = set(entry) - self.KEYS
         if unknown:
             raise ValueError(f"position_gaps: unknown key(s) {sorted(unknown)} in {dict(entry)}; an entry has "
-                             "either after, or inside, before and from_right; then max and optionally grow_steps")
-        if set(entry) - {"grow_steps"} not in self.SHAPES:
+                             "either after, or inside, before and from_right; then max and optionally grow_steps "
+                             "and onward")
+        if set(entry) - self.OPTIONAL not in self.SHAPES:
             raise ValueError(f"position_gaps: {dict(entry)} needs max and either after, or inside, before "
                              "and from_right")
 
@@ -324,6 +332,7 @@ class PositionGap:
         self.newline, self.end_of_record = newline_id, tokenizer.eos_token_id  # LinePositions' newline
         self.from_right = int(entry.get("from_right", 1))
         self.largest, self.grow_steps = int(entry["max"]), int(entry.get("grow_steps", 0) or 0)
+        self.onward = bool(entry.get("onward", False))
         if self.from_right < 1 or self.largest < 0 or self.grow_steps < 0:
             raise ValueError(f"position_gaps: {dict(entry)} needs from_right >= 1, max >= 0 and grow_steps >= 0")
 
@@ -348,12 +357,16 @@ class PositionGap:
         return in_run & ((from_end == k) | (first & (from_end < k)))
 
     def shift(self, input_ids: torch.Tensor, line_start: torch.Tensor, step: int) -> torch.Tensor:
-        """Each token's gap: g (drawn per row) from its line's first start on, else 0."""
+        """Each token's gap: g (drawn per row) from its line's first start on (``onward``: from the
+        row's first start on), else 0."""
         largest = round(self.largest * min(1.0, step / self.grow_steps)) if self.grow_steps else self.largest
         starts = self.starts(input_ids).long()
         seen = starts.cumsum(dim=1)
-        seen_before_line = torch.where(line_start, seen - starts, 0).cummax(dim=1).values
-        return torch.randint(0, largest + 1, (len(input_ids), 1)) * (seen > seen_before_line)
+        if self.onward:
+            moved = seen > 0
+        else:
+            moved = seen > torch.where(line_start, seen - starts, 0).cummax(dim=1).values
+        return torch.randint(0, largest + 1, (len(input_ids), 1)) * moved
 
 
 def count_parameters(model) -> tuple[int, int]:

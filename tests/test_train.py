@@ -223,6 +223,23 @@ def test_a_gap_before_a_newline_also_marks_the_run_that_ends_the_record(tmp_path
     trainer.logger.close()
 
 
+def test_an_onward_gap_moves_the_rest_of_the_record_together(tmp_path, dataset):
+    text = "12 + 34\nSolution: Call: 2 + 4\nReturn: Carry 0, Output 6\nAnswer: Carry 0, Output 46"
+    trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"R",max:16,onward:true},{after:"+",max:16}]', [text])
+    returned = text.index("Return")
+    gaps = set()
+    for _ in range(50):
+        row = (trainer.position_ids(ids) - plain)[0].tolist()
+        plus = row[3]  # the per-line gap after "+", the same in both lines that have one
+        assert row[:returned] == [0] * 3 + [plus] * 5 + [0] * 18 + [plus] * 4  # up to the call's newline
+        onward = row[returned]
+        assert row[returned:] == [onward] * (len(text) - returned) and 0 <= onward <= 16
+        # so "6" and its copy in the answer stay a line apart, and both move away from the call
+        gaps.add(onward)
+    assert len(gaps) > 8
+    trainer.logger.close()
+
+
 def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
     trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"+",max:40,grow_steps:100}]', ["12 + 34\nSolution: "])
 
