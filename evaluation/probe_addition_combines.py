@@ -26,8 +26,9 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.backends import Backend, Request  # noqa: E402
+from tasks.protocol import CALL_TAG, SOLUTION_CUE  # noqa: E402
 
-CALL_PREFIX = "Solution: Call: "
+CALL_PREFIX = SOLUTION_CUE.lstrip("\n") + CALL_TAG  # "Solution: Call: ", the call line's start
 
 
 def _dots(text: str) -> str:
