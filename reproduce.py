@@ -51,8 +51,7 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
     train_path, meta_path = (os.path.join(cfg.data_dir, names[split]) for split in ("train", "meta"))
     lengths = parse_lengths(settings.lengths) if settings.lengths else None
     if os.path.exists(meta_path):  # the meta file is written last: its presence means complete
-        with open(meta_path) as handle:
-            meta = json.load(handle)
+        meta = data_meta(train_path)
         if (meta.get("seed"), meta.get("requested_lengths"), meta.get("generator_version")) == (
                 cfg.seed, lengths, GENERATOR_VERSION):
             return train_path

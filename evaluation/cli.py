@@ -174,7 +174,7 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
         from evaluation.backends import OracleBackend
         backend = OracleBackend(task, method)
     else:
-        backend = _model_backend(checkpoint_dir, device, dtype, batch_size, temperature, seed,
+        backend = model_backend(checkpoint_dir, device, dtype, batch_size, temperature, seed,
                                  reuse_cache, sequential, info, kv_cache_budget)
     info.update(method=method, train_lengths=trained, length_label=config.get("length_label"),
                 temperature=temperature, batch_size=batch_size, run_name=run_name,
@@ -185,9 +185,9 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
     return results
 
 
-def _model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: int, temperature: float,
-                   seed: int, reuse_cache: bool, sequential: bool, info: dict,
-                   kv_cache_budget: int | None = None):
+def model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: int, temperature: float,
+                  seed: int, reuse_cache: bool, sequential: bool, info: dict,
+                  kv_cache_budget: int | None = None):
     import torch
     from evaluation.backends import HFBackend, HFSequentialBackend
     from modeling import load_checkpoint

@@ -106,11 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     combines = failed_combines(results, args.min_length)
     if not combines:
         raise SystemExit(f"error: {args.results}: no problem of {args.min_length}+ digits first failed at a combine")
-    from evaluation.backends import HFBackend
-    from evaluation.cli import resolve_checkpoint
-    from modeling import load_checkpoint
-    model, tokenizer = load_checkpoint(str(resolve_checkpoint(args.checkpoint)[0]), dtype="float32")
-    backend = HFBackend(model, tokenizer, batch_size=args.batch_size, reuse_cache=False)
+    from evaluation.cli import model_backend, resolve_checkpoint
+    backend = model_backend(resolve_checkpoint(args.checkpoint)[0], device="auto", dtype="auto",
+                            batch_size=args.batch_size, temperature=0.0, seed=0, reuse_cache=False,
+                            sequential=False, info={})
     for name, count in probe(backend, combines).items():
         print(f"{name:38s} {count:4d} / {len(combines)} right")
 
