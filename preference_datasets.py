@@ -3,6 +3,8 @@
 The name is the original code's; here there are no preferences, only supervised records.
 
 * ``read_records(path)`` reads a ``.json`` list or a ``.jsonl`` file and validates every record.
+* ``with_noisy_call_lines`` gives a share of the combine records call lines of random digits
+  (a training-only lever; the held-out records are never changed).
 * ``tokenize_records`` tokenizes prompt and output separately (no BOS) and appends EOS:
   ``("07 + 58\\nAnswer: ", "65")`` with the char tokenizer -> 16 prompt ids, then ids of
   ``"6"``, ``"5"``, ``"</s>"``; labels are -100 on the 16 prompt ids (and on padding).
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from tasks.protocol import CALL_TAG, RETURN_TAG, SOLUTION_CUE
 
 IGNORE_INDEX = -100
 TRAIN_SUFFIX = "_train"
@@ -131,6 +136,37 @@ def load_splits(paths: list[str], n_eval_examples: int, seed: int):
         keep = np.random.default_rng([seed, 2]).choice(len(held_out), n_eval_examples, replace=False)
         held_out = [held_out[i] for i in sorted(keep)]
     return train, held_out
+
+
+def with_noisy_call_lines(records: list[tuple[str, str]], share: float, max_digits: int,
+                          seed: int) -> list[tuple[str, str]]:
+    """Training records where, in a seeded ``share`` of the combine steps (inputs that hold a
+    ``Return:`` line), every digit run of the call line is replaced by random digits, n of them
+    for each run, n drawn in 1..``max_digits`` per record. A combine reads the problem and the
+    returned answer, never its call, so its output stays right; the model sees call lines longer
+    than any trained problem makes (docs/tiny_model.md, *call lines that lie*). For example
+    ``"03 + 10\\nSolution: Call: 3 + 0\\nReturn: Carry 0, Output 3\\nAnswer: "`` may become
+    ``"03 + 10\\nSolution: Call: 876475938 + 242194892\\nReturn: Carry 0, Output 3\\nAnswer: "``.
+    Other records, and every output, are kept as they are.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"call_line_noise.share must be in [0, 1], got {share}")
+    if share and max_digits < 1:
+        raise ValueError(f"call_line_noise.max_digits must be at least 1, got {max_digits}")
+    call_start, returned = SOLUTION_CUE + CALL_TAG, "\n" + RETURN_TAG
+    rng = np.random.default_rng([seed, 3])
+    noisy = []
+    for prompt, output in records:
+        start = prompt.find(call_start)
+        end = prompt.find(returned, start) if start >= 0 else -1
+        if end < 0 or rng.random() >= share:
+            noisy.append((prompt, output))
+            continue
+        start += len(call_start)
+        n = int(rng.integers(1, max_digits + 1))
+        call = re.sub(r"[0-9]+", lambda _: "".join(map(str, rng.integers(0, 10, n))), prompt[start:end])
+        noisy.append((prompt[:start] + call + prompt[end:], output))
+    return noisy
 
 
 # --- tokens --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from modeling import LinePositions, build_char_tokenizer
 from preference_datasets import (IGNORE_INDEX, DatasetError, batch_plan, collate, collate_packed, dataset_meta,
                                  pack_rows,
                                  load_splits, microbatches, padding_share, read_records, sibling_path,
-                                 steps_per_epoch, tokenize_records)
+                                 steps_per_epoch, tokenize_records, with_noisy_call_lines)
 from tests.test_train_fixtures import addition_records, write_dataset
 
 
@@ -153,3 +153,34 @@ def test_packed_records_keep_their_tokens_labels_positions_and_see_only_themselv
     padded = collate(data, [0, 1, 2], tokenizer.pad_token_id)
     assert sorted((l != IGNORE_INDEX).sum().item() for l in labels) == [3, 4]
     assert (padded["labels"] != IGNORE_INDEX).sum() == (labels != IGNORE_INDEX).sum()
+
+
+def test_noisy_call_lines_change_only_the_call_digits_of_combine_records():
+    records = [(r["input"], r["output"]) for r in addition_records(random.Random(0), [2, 3, 4], 10)]
+    combines = [i for i, (prompt, _) in enumerate(records) if "\nReturn: " in prompt]
+    assert 0 < len(combines) < len(records)
+    noisy = with_noisy_call_lines(records, share=1.0, max_digits=7, seed=0)
+    widths = set()
+    for i, ((prompt, output), (new_prompt, new_output)) in enumerate(zip(records, noisy)):
+        assert new_output == output
+        if i not in combines:
+            assert new_prompt == prompt
+            continue
+        old_lines, new_lines = prompt.split("\n"), new_prompt.split("\n")
+        assert len(new_lines) == len(old_lines) and new_lines[0] == old_lines[0]
+        assert new_lines[2:] == old_lines[2:]  # the return line and the answer cue
+        head, _, call = new_lines[1].partition("Solution: Call: ")
+        a, plus, b = call.partition(" + ")
+        assert head == "" and plus and a.isdigit() and b.isdigit() and len(a) == len(b) <= 7
+        widths.add(len(a))
+    assert widths == set(range(1, 8))  # every width drawn, not only the problem's own
+    assert with_noisy_call_lines(records, 1.0, 7, seed=0) == noisy  # same seed, same records
+    assert with_noisy_call_lines(records, 1.0, 7, seed=1) != noisy
+    assert with_noisy_call_lines(records, 0.0, 7, seed=0) == records
+    half = with_noisy_call_lines(records, 0.5, 7, seed=0)
+    changed = sum(new != old for new, old in zip(half, records))
+    assert 0.3 * len(combines) < changed < 0.7 * len(combines)
+    with pytest.raises(ValueError, match="call_line_noise.share"):
+        with_noisy_call_lines(records, 1.5, 7, seed=0)
+    with pytest.raises(ValueError, match="call_line_noise.max_digits"):
+        with_noisy_call_lines(records, 0.5, 0, seed=0)

@@ -240,6 +240,18 @@ def test_an_onward_gap_moves_the_rest_of_the_record_together(tmp_path, dataset):
     trainer.logger.close()
 
 
+def test_noisy_call_lines_change_the_training_records_only(tmp_path, dataset):
+    plain = build(config(tmp_path, dataset, name="plain"))
+    noisy = build(config(tmp_path, dataset, "call_line_noise.share=1.0", "call_line_noise.max_digits=20",
+                         name="noisy"))
+    for trainer in (plain, noisy):
+        trainer.logger.close()
+    # The fixture's calls have at most 2 digits per operand: random widths of 1-20 lengthen them.
+    assert noisy.train_data.lengths.sum() > plain.train_data.lengths.sum()
+    assert len(noisy.train_data) == len(plain.train_data)
+    assert np.array_equal(noisy.eval_data.tokens, plain.eval_data.tokens)  # held-out loss as before
+
+
 def test_position_gaps_can_grow_from_zero_over_the_first_steps(tmp_path, dataset):
     trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"+",max:40,grow_steps:100}]', ["12 + 34\nSolution: "])
 
