@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.protocol import CALL_TAG, RETURN_TAG, SOLUTION_CUE
+from tasks.protocol import CALL_TAG, RETURN_TAG
 
 IGNORE_INDEX = -100
 TRAIN_SUFFIX = "_train"
@@ -140,32 +140,31 @@ def load_splits(paths: list[str], n_eval_examples: int, seed: int):
 
 def with_noisy_call_lines(records: list[tuple[str, str]], share: float, max_digits: int,
                           seed: int) -> list[tuple[str, str]]:
-    """Training records where, in a seeded ``share`` of the combine steps (inputs that hold a
-    ``Return:`` line), every digit run of the call line is replaced by random digits, n of them
-    for each run, n drawn in 1..``max_digits`` per record. A combine reads the problem and the
-    returned answer, never its call, so its output stays right; the model sees call lines longer
-    than any trained problem makes (docs/tiny_model.md, *call lines that lie*). For example
+    """Training records where, in a seeded ``share`` of the combine steps (inputs where a
+    ``Return:`` line answers a call), every digit run of each answered call's sub-question is
+    replaced by random digits, n of them for each run, n drawn in 1..``max_digits`` per record. A
+    combine reads the problem and the returned answer, never its call, so its output stays right;
+    the model sees call lines longer than any trained problem makes (docs/tiny_model.md, *call
+    lines that lie*). For example
     ``"03 + 10\\nSolution: Call: 3 + 0\\nReturn: Carry 0, Output 3\\nAnswer: "`` may become
     ``"03 + 10\\nSolution: Call: 876475938 + 242194892\\nReturn: Carry 0, Output 3\\nAnswer: "``.
-    Other records, and every output, are kept as they are.
+    Other records, the text of a call line before its ``Call: ``, and every output are kept.
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"call_line_noise.share must be in [0, 1], got {share}")
     if share and max_digits < 1:
         raise ValueError(f"call_line_noise.max_digits must be at least 1, got {max_digits}")
-    call_start, returned = SOLUTION_CUE + CALL_TAG, "\n" + RETURN_TAG
+    # A call is CALL_TAG + sub-question + "\n" (tasks.protocol.call_line), answered by the Return after it.
+    answered_call = re.compile(re.escape(CALL_TAG) + r"[^\n]*(?=\n" + re.escape(RETURN_TAG) + ")")
     rng = np.random.default_rng([seed, 3])
     noisy = []
     for prompt, output in records:
-        start = prompt.find(call_start)
-        end = prompt.find(returned, start) if start >= 0 else -1
-        if end < 0 or rng.random() >= share:
+        if not answered_call.search(prompt) or rng.random() >= share:
             noisy.append((prompt, output))
             continue
-        start += len(call_start)
         n = int(rng.integers(1, max_digits + 1))
-        call = re.sub(r"[0-9]+", lambda _: "".join(map(str, rng.integers(0, 10, n))), prompt[start:end])
-        noisy.append((prompt[:start] + call + prompt[end:], output))
+        random_run = lambda _: "".join(map(str, rng.integers(0, 10, n)))  # noqa: E731
+        noisy.append((answered_call.sub(lambda call: re.sub(r"[0-9]+", random_run, call[0]), prompt), output))
     return noisy
 
 

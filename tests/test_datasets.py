@@ -1,11 +1,13 @@
 """Reading, validating, tokenizing and batching training records (preference_datasets.py)."""
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from modeling import LinePositions, build_char_tokenizer
+from tasks import protocol
 from preference_datasets import (IGNORE_INDEX, DatasetError, batch_plan, collate, collate_packed, dataset_meta,
                                  pack_rows,
                                  load_splits, microbatches, padding_share, read_records, sibling_path,
@@ -180,6 +182,14 @@ def test_noisy_call_lines_change_only_the_call_digits_of_combine_records():
     half = with_noisy_call_lines(records, 0.5, 7, seed=0)
     changed = sum(new != old for new, old in zip(half, records))
     assert 0.3 * len(combines) < changed < 0.7 * len(combines)
+    # A call after other text on its line (DP's) is found by the protocol's rule, not addition's.
+    context = protocol.append_return(protocol.pose("Create dp array [5, -1, 4]"),
+                                     "Call with array minus first element. " + protocol.call_line("Create dp array [-1, 4]"),
+                                     "[4, 4]")
+    (noisy_context, _), = with_noisy_call_lines([(context, "[9, 4, 4]")], 1.0, 3, seed=0)
+    kept, _, call = noisy_context.split("\n")[1].partition("Call: Create dp array [")
+    assert kept == "Solution: Call with array minus first element. " and noisy_context != context
+    assert re.fullmatch(r"-[0-9]{1,3}, [0-9]{1,3}\]", call), call
     with pytest.raises(ValueError, match="call_line_noise.share"):
         with_noisy_call_lines(records, 1.5, 7, seed=0)
     with pytest.raises(ValueError, match="call_line_noise.max_digits"):
