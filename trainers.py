@@ -33,7 +33,7 @@ from modeling import LinePositions, PositionGap, replace_directory, save_model
 from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, collate_packed, microbatches,
                                  pack_rows, steps_per_epoch)
 from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
-                   autocast_context, barrier)
+                   autocast_context, barrier, uses_bf16_autocast)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -66,6 +66,11 @@ class Trainer:
             device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.autocast = autocast_context(processes.device, cfg.mixed_precision)
+        if (processes.device.type == "cpu" and uses_bf16_autocast(processes.device, cfg.mixed_precision)
+                and hasattr(model, "set_attn_implementation")):
+            # On a CPU, fused SDPA's backward runs ~4x slower in bf16 than in fp32, while eager
+            # attention's bf16 matmuls are fast: bf16 then trains 2.2x faster than fp32, not 1.35x.
+            model.set_attn_implementation("eager")
         self.pad_id = tokenizer.pad_token_id
         self.label_counts = train_data.label_counts()
         self.start_step, self._plan_epoch, self._plan = 0, None, None

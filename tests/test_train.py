@@ -13,10 +13,12 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainers
+import utils
 from modeling import LinePositions, load_checkpoint
 from preference_datasets import DatasetError
 from tests.test_train_fixtures import addition_records, write_dataset
 from train import build, compose_config, run
+from utils import uses_bf16_autocast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ["model.llama_config.hidden_size=32", "model.llama_config.intermediate_size=64",
@@ -36,7 +38,7 @@ def config(tmp_path, dataset, *overrides, name="run"):
     return compose_config(SMALL_MODEL + [
         f"datasets=[{dataset}]", f"run_dir={tmp_path / name}", "batch_size=8", "gradient_accumulation_steps=1",
         "n_examples=64", "n_epochs=100", "eval_every=32", "log_every=2", "num_threads=1", "warmup_steps=2",
-        "eval_batch_size=8", *overrides])
+        "eval_batch_size=8", "mixed_precision=none", *overrides])  # fp32: tests compare numbers closely
 
 
 def weights(directory):
@@ -122,6 +124,31 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_padded_batch(tmp_path, da
     with pytest.raises(ValueError, match="pack_records=true needs sdpa or eager attention"):
         trainer.nll(trainer.train_data, indices)
     trainer.logger.close()
+
+
+def test_mixed_precision_auto_takes_bf16_only_where_the_hardware_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert [uses_bf16_autocast(cpu, mode) for mode in ("auto", "bf16", "none")] == [True, True, False]
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert [uses_bf16_autocast(cpu, mode) for mode in ("auto", "bf16", "none")] == [False, True, False]
+    with pytest.raises(ValueError, match="mixed_precision: expected one of auto, bf16, none, got 'fp16'"):
+        uses_bf16_autocast(cpu, "fp16")
+
+
+def test_bf16_autocast_on_a_cpu_uses_eager_attention_and_stays_close_to_fp32(tmp_path, dataset):
+    fp32 = build(config(tmp_path, dataset, name="fp32"))
+    bf16 = build(config(tmp_path, dataset, "mixed_precision=bf16", name="bf16"))
+    assert fp32.raw_model.config._attn_implementation == "sdpa"
+    assert bf16.raw_model.config._attn_implementation == "eager"  # CPU SDPA's bf16 backward is slow
+    for trainer, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
+        with trainer.autocast():
+            assert trainer.raw_model(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == dtype
+    indices = np.arange(8)
+    loss32, loss16 = (trainer.nll(trainer.train_data, indices).item() for trainer in (fp32, bf16))
+    assert abs(loss16 - loss32) < 0.02 * loss32
+    for trainer in (fp32, bf16):
+        trainer.logger.close()
 
 
 def test_a_microbatch_whose_records_cannot_share_a_row_stays_padded(tmp_path, dataset, monkeypatch):
