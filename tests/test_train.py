@@ -136,14 +136,18 @@ def test_mixed_precision_auto_takes_bf16_only_where_the_hardware_has_it(monkeypa
         uses_bf16_autocast(cpu, "fp16")
 
 
-def test_bf16_autocast_on_a_cpu_uses_eager_attention_and_stays_close_to_fp32(tmp_path, dataset):
+def test_bf16_autocast_on_a_cpu_uses_eager_attention_and_an_fp32_head_and_stays_close_to_fp32(tmp_path, dataset):
     fp32 = build(config(tmp_path, dataset, name="fp32"))
     bf16 = build(config(tmp_path, dataset, "mixed_precision=bf16", name="bf16"))
     assert fp32.raw_model.config._attn_implementation == "sdpa"
     assert bf16.raw_model.config._attn_implementation == "eager"  # CPU SDPA's bf16 backward is slow
     for trainer, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
         with trainer.autocast():
-            assert trainer.raw_model(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == dtype
+            mlp = trainer.raw_model.model.layers[0].mlp
+            assert mlp(torch.ones(1, 1, mlp.hidden_size)).dtype == dtype
+            # the head stays fp32: with bf16 logits the tiny model's baseline addition stalls
+            assert trainer.raw_model(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == torch.float32
+    assert bf16.raw_model.state_dict().keys() == fp32.raw_model.state_dict().keys()
     indices = np.arange(8)
     loss32, loss16 = (trainer.nll(trainer.train_data, indices).item() for trainer in (fp32, bf16))
     assert abs(loss16 - loss32) < 0.02 * loss32
