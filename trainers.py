@@ -17,6 +17,7 @@ step; the batch order is a function of seed and epoch, so the step is the data p
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from modeling import LinePositions, PositionGap, replace_directory, save_model
 from preference_datasets import (IGNORE_INDEX, TokenizedRecords, batch_plan, collate, collate_packed, microbatches,
                                  pack_rows, steps_per_epoch)
 from utils import (MetricsLogger, Processes, all_reduce_sum, atomic_torch_save, atomic_write_json,
-                   autocast_context, barrier, uses_bf16_autocast)
+                   barrier, uses_bf16_autocast)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -80,8 +81,9 @@ class Trainer:
         if processes.distributed:
             device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self.autocast = autocast_context(processes.device, cfg.mixed_precision)
+        self.autocast = contextlib.nullcontext
         if uses_bf16_autocast(processes.device, cfg.mixed_precision):
+            self.autocast = functools.partial(torch.autocast, processes.device.type, dtype=torch.bfloat16)
             logits_outside_autocast(model)
             if processes.device.type == "cpu" and hasattr(model, "set_attn_implementation"):
                 # On a CPU, fused SDPA's backward runs ~4x slower in bf16 than in fp32, while eager

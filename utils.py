@@ -1,7 +1,6 @@
 """Small helpers the trainer shares: atomic writes, processes and devices, metrics logging."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -133,13 +132,6 @@ def uses_bf16_autocast(device: torch.device, mode: str = "auto") -> bool:
         raise ValueError(f"mixed_precision: expected one of {', '.join(PRECISIONS)}, got {mode!r}")
     native = {"cuda": lambda: torch.cuda.is_bf16_supported(), "cpu": cpu_has_native_bf16}
     return mode == "bf16" or (mode == "auto" and native.get(device.type, lambda: False)())
-
-
-def autocast_context(device: torch.device, mode: str = "auto"):
-    """A context factory: bf16 autocast where ``uses_bf16_autocast``, else a no-op."""
-    if uses_bf16_autocast(device, mode):
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 # --- logging -------------------------------------------------------------------------------
