@@ -66,15 +66,29 @@ def data_meta(train_path: str) -> dict:
         return json.load(handle)
 
 
-def training_budget(settings: DictConfig, meta: dict) -> dict:
+def accumulation_steps(model: str, overrides: dict) -> int:
+    """The ``gradient_accumulation_steps`` train.py will run with: an override's, else
+    ``config/model/<model>.yaml``'s, else ``config/config.yaml``'s (32 for ``model=llama7b``)."""
+    if "gradient_accumulation_steps" in overrides:
+        return int(overrides["gradient_accumulation_steps"])
+    for path in (os.path.join(REPO_ROOT, "config", "model", f"{model}.yaml"),
+                 os.path.join(REPO_ROOT, "config", "config.yaml")):
+        value = OmegaConf.load(path).get("gradient_accumulation_steps")
+        if value is not None:
+            return int(value)
+    return 1
+
+
+def training_budget(settings: DictConfig, meta: dict, accumulation: int = 1) -> dict:
     """The same compute for every method: ``train_steps`` optimizer steps of about
     ``tokens_per_step`` tokens each, so a method with short records (the baseline) gets larger
-    batches and one with long records (the scratchpad) smaller ones. Empty (train.py's own batch
-    and budget) when ``train_steps`` is null."""
+    batches and one with long records (the scratchpad) smaller ones. The batch is a multiple of
+    ``accumulation``, which train.py splits it into. Empty (train.py's own batch and budget) when
+    ``train_steps`` is null."""
     if not settings.get("train_steps"):
         return {}
     tokens_per_record = meta["tokens"]["mean"]
-    batch_size = max(1, round(settings.tokens_per_step / tokens_per_record))
+    batch_size = accumulation * max(1, round(settings.tokens_per_step / tokens_per_record / accumulation))
     return {"batch_size": batch_size, "n_examples": batch_size * settings.train_steps}
 
 
@@ -199,6 +213,12 @@ def training_cost(run_dir: str) -> dict:
     if os.path.exists(stats_path):
         with open(stats_path) as handle:
             stats = json.load(handle)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):  # the trainer logs cuda_max_memory_gb when it trains on a GPU
+        with open(metrics_path) as handle:
+            gpu_peaks = [row["cuda_max_memory_gb"] for row in map(json.loads, handle) if "cuda_max_memory_gb" in row]
+        if gpu_peaks:
+            stats["peak_gpu_gb"] = max(gpu_peaks)
     return {"records": records, "tokens_per_record": meta["tokens"]["mean"],
             "tokens": round(records * meta["tokens"]["mean"]), **stats}
 
@@ -207,6 +227,11 @@ def mean_accuracy(results: dict, keep) -> float | None:
     rows = [row for n, row in results["lengths"].items() if keep(int(n))]
     problems = sum(row["problems"] for row in rows)
     return sum(row["correct"] for row in rows) / problems if problems else None
+
+
+def gpu_memory(cost: dict) -> str:
+    """``"30.1 GiB GPU, "`` for a run trained on a GPU, else nothing."""
+    return f"{cost['peak_gpu_gb']:.1f} GiB GPU, " if "peak_gpu_gb" in cost else ""
 
 
 def summary_markdown(task_name: str, preset: str, model: str, results: dict[str, dict],
@@ -239,10 +264,11 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
             f"| {percent(mean_accuracy(result, lambda n: n == far))} "
             f"| {cost['records']:,} | {cost['tokens']:,} | {cost['tokens_per_record']:.1f} "
             f"| {cost.get('train_wall_s', float('nan')) / 60:.1f} min "
-            f"| {cost.get('peak_rss_mb', float('nan')):,.0f} MB |")
+            f"| {gpu_memory(cost)}{cost.get('peak_rss_mb', float('nan')):,.0f} MB |")
     lines += ["", "Accuracy is the share of problems whose final answer is right, pooled over the lengths "
               "of each column; tokens trained = records trained x mean tokens per record of the data. "
-              "Peak memory is the training process's peak resident set size.", ""]
+              "Peak memory is the training process's peak resident set size (MB), after its peak GPU "
+              "memory where it trained on a GPU.", ""]
     return "\n".join(lines)
 
 
@@ -266,8 +292,9 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
     log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     meta = data_meta(train_path)
-    overrides = {**training_budget(settings, meta), **settings.train.get("common", {}),
-                 **settings.train.get(method, {}), **dict(arg.split("=", 1) for arg in cfg.train_args)}
+    overrides = {**settings.train.get("common", {}), **settings.train.get(method, {}),
+                 **dict(arg.split("=", 1) for arg in cfg.train_args)}
+    overrides = {**training_budget(settings, meta, accumulation_steps(cfg.model, overrides)), **overrides}
     training = train(cfg, run_dir, train_path, meta, overrides, log("train"), threads)
     steps.update()
     results = evaluate(cfg, name, method, run_dir, out_dir, settings, training, log("eval"), threads)

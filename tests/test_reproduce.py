@@ -147,3 +147,34 @@ def test_data_of_another_seed_or_generator_version_is_made_anew(tmp_path):
 
     make_data(OmegaConf.create({"data_dir": str(tmp_path), "seed": 1}), "parity", "baseline", "small", settings)
     assert json.loads(meta_path.read_text())["seed"] == 1
+
+
+def test_a_token_budget_gives_batches_that_split_into_the_models_accumulation_steps():
+    # model=llama7b accumulates 32 microbatches: a batch of 24 would stop train.py with an error
+    # (found by `reproduce.py task=parity model=llama7b` with a token budget on a GPU).
+    from reproduce import accumulation_steps, training_budget
+    settings = OmegaConf.create({"train_steps": 3, "tokens_per_step": 2000})
+    meta = {"tokens": {"mean": 83.5}}  # parity baseline, paper preset: 24 records per step unrounded
+    assert accumulation_steps("llama7b", {}) == 32 and accumulation_steps("tiny", {}) == 1
+    assert accumulation_steps("llama7b", {"gradient_accumulation_steps": "4"}) == 4
+    assert training_budget(settings, meta, 32) == {"batch_size": 32, "n_examples": 96}
+    assert training_budget(settings, meta, 4) == {"batch_size": 24, "n_examples": 72}
+    assert training_budget(settings, meta, 1) == {"batch_size": 24, "n_examples": 72}  # the tiny model's, as before
+    assert training_budget(settings, {"tokens": {"mean": 400.0}}, 32) == {"batch_size": 32, "n_examples": 96}
+
+
+def test_summary_shows_peak_gpu_memory_of_runs_trained_on_a_gpu(tmp_path):
+    from reproduce import STATS_FILE, summary_markdown, training_cost
+    results = {"lengths": {"1": {"problems": 2, "correct": 1}}, "settings": {"train_lengths": [1]}}
+    for name, gpu in [("cpu_run", None), ("gpu_run", [27.04, 28.14])]:
+        run = tmp_path / name
+        (run / "final").mkdir(parents=True)
+        (run / "final" / "trainer_state.json").write_text(json.dumps({"records_seen": 96}))
+        (run / "data_meta.json").write_text(json.dumps([{"tokens": {"mean": 83.5}}]))
+        (run / STATS_FILE).write_text(json.dumps({"train_wall_s": 60, "peak_rss_mb": 39445}))
+        rows = [{"step": i, "records": 32 * i, **({"cuda_max_memory_gb": g} if gpu else {})} for i, g in enumerate(gpu or [0, 0])]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    costs = {"baseline": training_cost(str(tmp_path / "cpu_run")), "retuning": training_cost(str(tmp_path / "gpu_run"))}
+    summary = summary_markdown("parity", "paper", "llama7b", {"baseline": results, "retuning": results}, costs)
+    assert "| Baseline | 50.0% | - | - | 96 | 8,016 | 83.5 | 1.0 min | 39,445 MB |" in summary
+    assert "| Re-Tuning | 50.0% | - | - | 96 | 8,016 | 83.5 | 1.0 min | 28.1 GiB GPU, 39,445 MB |" in summary

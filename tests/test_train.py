@@ -155,6 +155,20 @@ def test_bf16_autocast_on_a_cpu_uses_eager_attention_and_an_fp32_head_and_stays_
         trainer.logger.close()
 
 
+def test_the_tiny_model_trains_without_tf32_and_the_flag_reaches_torch(tmp_path, dataset):
+    # TF32's 10-bit mantissa in the output layer stalled the tiny baseline on an H100, as bf16
+    # logits did (docs/tiny_model.md); the llama configs keep the paper's TF32.
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for overrides, expected in (((), False), (("tf32=true",), True)):
+            trainer = build(config(tmp_path, dataset, *overrides, name=f"tf32-{expected}"))
+            assert torch.backends.cuda.matmul.allow_tf32 is expected and torch.backends.cudnn.allow_tf32 is expected
+            trainer.logger.close()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert compose_config(["model=llama7b"]).tf32 is True
+
+
 def test_a_microbatch_whose_records_cannot_share_a_row_stays_padded(tmp_path, dataset, monkeypatch):
     trainer = build(config(tmp_path, dataset))
     lengths = trainer.train_data.lengths
