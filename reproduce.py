@@ -30,6 +30,7 @@ from data_generation.pipeline import GENERATOR_VERSION, file_names, generate
 from evaluation.cli import parse_lengths
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
+from tasks.base import METHODS
 from utils import atomic_write_json, atomic_write_text
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -305,8 +306,17 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
 @hydra.main(config_path="config/reproduce", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     names = task_names() if cfg.task == "all" else [cfg.task]
-    for name in names:
-        get_task(name)  # unknown task: one-line error before any work
+    for name in names:  # bad names: a one-line error before any work
+        try:
+            get_task(name)
+        except KeyError as error:
+            raise SystemExit(f"error: task={name}: {error.args[0]}") from None
+    models = sorted(f[:-5] for f in os.listdir(os.path.join(REPO_ROOT, "config", "model")) if f.endswith(".yaml"))
+    if cfg.model not in models:
+        raise SystemExit(f"error: model={cfg.model}: no config/model/{cfg.model}.yaml; known: {', '.join(models)}")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: methods: unknown {', '.join(map(str, unknown))}; known: {', '.join(METHODS)}")
     jobs = parallel_jobs(cfg)
     steps = tqdm(total=len(names) * (3 * len(cfg.methods) + 1), desc="reproduce", unit=" steps")
     for name in names:

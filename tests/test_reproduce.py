@@ -178,3 +178,13 @@ def test_summary_shows_peak_gpu_memory_of_runs_trained_on_a_gpu(tmp_path):
     summary = summary_markdown("parity", "paper", "llama7b", {"baseline": results, "retuning": results}, costs)
     assert "| Baseline | 50.0% | - | - | 96 | 8,016 | 83.5 | 1.0 min | 39,445 MB |" in summary
     assert "| Re-Tuning | 50.0% | - | - | 96 | 8,016 | 83.5 | 1.0 min | 28.1 GiB GPU, 39,445 MB |" in summary
+
+
+def test_unknown_task_model_or_method_stops_with_one_line_before_any_work(tmp_path):
+    for override, message in [("task=foo", "error: task=foo: unknown task 'foo'; known: addition, dp, parity"),
+                              ("model=nosuch", "error: model=nosuch: no config/model/nosuch.yaml; known: llama13b"),
+                              ("methods=[foo,baseline]", "error: methods: unknown foo; known: baseline, scratchpad, retuning")]:
+        done = subprocess.run([sys.executable, os.path.join(REPO, "reproduce.py"), override, f"data_dir={tmp_path}/data"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
+        assert "Traceback" not in done.stderr and not (tmp_path / "data").exists()
