@@ -168,9 +168,10 @@ class Trainer:
         if not self.position_gaps or not self.model.training:
             return ids
         line_start = F.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
-        for gap in self.position_gaps:
-            ids = ids + gap.shift(input_ids, line_start, self.step)
-        return ids
+        shift = sum(gap.shift(input_ids, line_start, self.step) for gap in self.position_gaps)
+        if self.cfg.get("position_gaps_free_share"):  # drawn only when set: other runs keep their random stream
+            shift = shift * (torch.rand(len(input_ids), 1) >= self.cfg.position_gaps_free_share)
+        return ids + shift
 
     def packed_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """The 4D mask transformers takes as given: bool for SDPA, additive for eager attention."""

@@ -199,6 +199,20 @@ def gap_trainer(tmp_path, dataset, gaps, text):
     return trainer, ids, trainer.line_positions.ids(ids)
 
 
+def test_a_free_share_of_records_trains_at_the_evaluations_positions(tmp_path, dataset):
+    # Every gap drawn at 0 at once, the evaluation's positions, was about 1 record in 10,000
+    # (docs/tiny_model.md); position_gaps_free_share draws that many records with no gaps.
+    text = ["12 + 34\nSolution: Call: 2 + 4\n"] * 400
+    for share, low, high in ((0.0, 0, 10), (0.25, 60, 140), (1.0, 400, 400)):
+        trainer, ids, plain = gap_trainer(tmp_path / str(share), dataset, '[{after:"+",max:16},{after:"0123456789",max:16}]', text)
+        trainer.cfg.position_gaps_free_share = share
+        unmoved = int((trainer.position_ids(ids) == plain).all(dim=1).sum())
+        assert low <= unmoved <= high, (share, unmoved)
+        trainer.raw_model.eval()
+        assert torch.equal(trainer.position_ids(ids), plain)  # evaluation: never any gap
+        trainer.logger.close()
+
+
 def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_training_only(tmp_path, dataset):
     trainer, ids, plain = gap_trainer(tmp_path, dataset, '[{after:"+",max:16},{after:"0123456789",max:16}]',
                                       ["12 + 34\nSolution: Call: 2 + 4\n", "5 + 6\nSolution: "])
