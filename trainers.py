@@ -74,6 +74,8 @@ class Trainer:
             raise ValueError("position_gaps need line positions (the model's line_position_stride)")
         self.position_gaps = [PositionGap(entry, tokenizer, self.line_positions.newline_id)
                               for entry in cfg.position_gaps or []]
+        if not 0 <= cfg.get("position_gaps_free_share", 0) <= 1:
+            raise ValueError(f"position_gaps_free_share must be a share in 0..1, got {cfg.position_gaps_free_share}")
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -201,7 +201,7 @@ def gap_trainer(tmp_path, dataset, gaps, text):
 
 def test_a_free_share_of_records_trains_at_the_evaluations_positions(tmp_path, dataset):
     # Every gap drawn at 0 at once, the evaluation's positions, was about 1 record in 10,000
-    # (docs/tiny_model.md); position_gaps_free_share draws that many records with no gaps.
+    # (docs/tiny_model.md); position_gaps_free_share trains a share of the records with no gap.
     text = ["12 + 34\nSolution: Call: 2 + 4\n"] * 400
     for share, low, high in ((0.0, 0, 10), (0.25, 60, 140), (1.0, 400, 400)):
         trainer, ids, plain = gap_trainer(tmp_path / str(share), dataset, '[{after:"+",max:16},{after:"0123456789",max:16}]', text)
@@ -211,6 +211,9 @@ def test_a_free_share_of_records_trains_at_the_evaluations_positions(tmp_path, d
         trainer.raw_model.eval()
         assert torch.equal(trainer.position_ids(ids), plain)  # evaluation: never any gap
         trainer.logger.close()
+    with pytest.raises(ValueError, match="position_gaps_free_share must be a share in 0..1, got 1.5"):
+        build(config(tmp_path, dataset, "model.llama_config.line_position_stride=64", "position_gaps_free_share=1.5",
+                     name="bad-share"))
 
 
 def test_position_gaps_move_each_lines_tokens_from_its_first_marker_on_in_training_only(tmp_path, dataset):
