@@ -171,8 +171,9 @@ class Trainer:
             return ids
         line_start = F.pad(input_ids[:, :-1] == self.line_positions.newline_id, (1, 0), value=True)
         shift = sum(gap.shift(input_ids, line_start, self.step) for gap in self.position_gaps)
-        if self.cfg.get("position_gaps_free_share"):  # drawn only when set: other runs keep their random stream
-            shift = shift * (torch.rand(len(input_ids), 1) >= self.cfg.position_gaps_free_share)
+        free_share = self.cfg.get("position_gaps_free_share")
+        if free_share and self.step >= self.cfg.get("position_gaps_free_from_step", 0):  # drawn only then:
+            shift = shift * (torch.rand(len(input_ids), 1) >= free_share)  # other runs keep their random stream
         return ids + shift
 
     def packed_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:

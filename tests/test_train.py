@@ -208,6 +208,11 @@ def test_a_free_share_of_records_trains_at_the_evaluations_positions(tmp_path, d
         trainer.cfg.position_gaps_free_share = share
         unmoved = int((trainer.position_ids(ids) == plain).all(dim=1).sum())
         assert low <= unmoved <= high, (share, unmoved)
+        if share == 1.0:  # from a later step on only: before it every record draws its gaps
+            trainer.cfg.position_gaps_free_from_step = trainer.step + 1
+            assert int((trainer.position_ids(ids) == plain).all(dim=1).sum()) <= 10
+            trainer.step += 1
+            assert torch.equal(trainer.position_ids(ids), plain)
         trainer.raw_model.eval()
         assert torch.equal(trainer.position_ids(ids), plain)  # evaluation: never any gap
         trainer.logger.close()
