@@ -34,6 +34,7 @@ from tasks.base import METHODS
 from utils import atomic_write_json, atomic_write_text
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+MODEL_CONFIG_DIR = os.path.join(REPO_ROOT, "config", "model")  # train.py's model=<name> files
 STATS_FILE = "reproduce_stats.json"  # beside a run's final/: wall time and peak memory of training
 
 
@@ -72,8 +73,7 @@ def accumulation_steps(model: str, overrides: dict) -> int:
     ``config/model/<model>.yaml``'s, else ``config/config.yaml``'s (32 for ``model=llama7b``)."""
     if "gradient_accumulation_steps" in overrides:
         return int(overrides["gradient_accumulation_steps"])
-    for path in (os.path.join(REPO_ROOT, "config", "model", f"{model}.yaml"),
-                 os.path.join(REPO_ROOT, "config", "config.yaml")):
+    for path in (os.path.join(MODEL_CONFIG_DIR, f"{model}.yaml"), os.path.join(REPO_ROOT, "config", "config.yaml")):
         value = OmegaConf.load(path).get("gradient_accumulation_steps")
         if value is not None:
             return int(value)
@@ -311,7 +311,7 @@ def main(cfg: DictConfig) -> None:
             get_task(name)
         except KeyError as error:
             raise SystemExit(f"error: task={name}: {error.args[0]}") from None
-    models = sorted(f[:-5] for f in os.listdir(os.path.join(REPO_ROOT, "config", "model")) if f.endswith(".yaml"))
+    models = sorted(f[:-5] for f in os.listdir(MODEL_CONFIG_DIR) if f.endswith(".yaml"))
     if cfg.model not in models:
         raise SystemExit(f"error: model={cfg.model}: no config/model/{cfg.model}.yaml; known: {', '.join(models)}")
     unknown = [m for m in cfg.methods if m not in METHODS]
