@@ -111,26 +111,17 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _decodes_piecewise(tokenizer) -> bool:
-    """Whether decoding a continuation's ids alone gives exactly the text they add after a prompt
-    (true of the character tokenizer; sentencepiece tokenizers can drop a leading space)."""
-    probes = [("9 + 9\nSolution: ", "Call: 7 + 3\n"), ("Answer: ", " [1, 2]"), ("x", " y z"), ("a\n", "\nb ")]
-    for prompt, text in probes:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        new_ids = tokenizer(prompt + text, add_special_tokens=False)["input_ids"][len(prompt_ids):]
-        if _decode_slowly(tokenizer, prompt_ids, new_ids) != _decode(tokenizer, new_ids):
-            return False
-    return True
+def completion_text(tokenizer, new_ids: list[int]) -> str:
+    """The text of a completion's ids, decoded on their own.
 
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-def _decode_slowly(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text ``new_ids`` add after ``prompt_ids``: the whole decoded, the prompt's text cut off."""
-    whole, prompt = _decode(tokenizer, prompt_ids + new_ids), _decode(tokenizer, prompt_ids)
-    return whole[len(prompt):] if whole.startswith(prompt) else _decode(tokenizer, new_ids)
+    Training tokenizes each record's output on its own (``preference_datasets.tokenize_records``),
+    so a model writes an output as those ids, and decoding them on their own gives the output
+    back. A sentencepiece tokenizer marks the start of a text with a space (``"Call: 7 + 3\\n"``
+    -> ``▁Call : ▁7 ...``), which decoding on its own drops again; decoding the ids as the
+    continuation of the prompt would keep it (``" Call: 7 + 3\\n"``) and put a context together
+    that no training record holds.
+    """
+    return tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 @dataclass
@@ -254,7 +245,6 @@ class HFBackend(Backend):
         self.dtype = next(model.parameters()).dtype
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.reuse_cache = reuse_cache
-        self.piecewise = _decodes_piecewise(tokenizer)
         self.cache_budget_tokens = cache_budget_tokens
         self.line_positions = LinePositions.of(model, tokenizer)
         self._cache: dict[Hashable, _CachedContext] = {}
@@ -351,7 +341,7 @@ class HFBackend(Backend):
                         continue
                 live[slot] = False
                 request = requests[index]
-                text = self._continuation_text(ids, generated[b])
+                text = completion_text(self.tokenizer, generated[b])
                 if request.key is not None and self.reuse_cache and \
                         (request.keep_if is None or request.keep_if(text)):
                     # The cache covers the prompt and every generated token but the last one
@@ -436,11 +426,6 @@ class HFBackend(Backend):
         positions, line_starts = self.line_positions.ids_and_line_starts(torch.tensor([ids], device=self.device))
         return positions[0], int(line_starts[0, -1])
 
-    def _continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
-        if self.piecewise:
-            return _decode(self.tokenizer, new_ids)
-        return _decode_slowly(self.tokenizer, prompt_ids, new_ids)
-
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:
             return logits.argmax(dim=-1)
@@ -512,7 +497,7 @@ class HFSequentialBackend(Backend):
                     pad_token_id=self.pad_id, use_cache=True, **sampling)[0, len(ids):].tolist()
             hit_eos = bool(output) and output[-1] in self.eos_ids
             new_ids = output[:-1] if hit_eos else output
-            completions.append(Completion(_decode_slowly(self.tokenizer, ids, new_ids),
+            completions.append(Completion(completion_text(self.tokenizer, new_ids),
                                           len(output), hit_eos, len(ids), len(ids)))
         return completions
 

@@ -177,10 +177,12 @@ def parse_carry_output(text: str) -> tuple[int, str]:
     return int(match.group(1)), match.group(2)
 
 
-def carry_output_value(text: str) -> int:
-    """``"Carry c, Output s"`` means ``c * 10^len(s) + int(s)``: ``"Carry 1, Output 08"`` -> 108."""
+def carry_output_value(text: str, length: int | None = None) -> int:
+    """``"Carry c, Output s"`` means ``c * 10^L + int(s)`` for a problem of length L (SPEC
+    section 2), L = len(s) where no length is given: ``"Carry 1, Output 08"`` -> 108, and with
+    L = 2 ``"Carry 1, Output 098"`` -> 198."""
     carry, digits = parse_carry_output(text)
-    return carry * 10 ** len(digits) + int(digits)
+    return carry * 10 ** (len(digits) if length is None else length) + int(digits)
 
 
 class AdditionTask(Task):
@@ -287,9 +289,10 @@ class AdditionTask(Task):
         return protocol.call_line(question(a[1:], b[1:]))
 
     # --- answers ------------------------------------------------------------------------------
-    def parse_answer(self, text: str, method: str) -> int:
+    def parse_answer(self, text: str, method: str, problem: Problem | None = None) -> int:
         """baseline ``"65"`` -> 65; scratchpad (its last line) and Re-Tuning
-        ``"Carry 1, Output 08"`` -> 108. ValueError for anything else."""
+        ``"Carry 1, Output 08"`` -> 108 (``c * 10^L`` with L the problem's length, where given).
+        ValueError for anything else."""
         if method == "baseline":
             if not _DIGITS.fullmatch(text.strip()):
                 raise ValueError(f"not a number: {text!r}")
@@ -300,7 +303,7 @@ class AdditionTask(Task):
             text = protocol.read_answer(text)
         else:
             raise ValueError(f"unknown method {method!r}")
-        return carry_output_value(text)
+        return carry_output_value(text, None if problem is None else self.length(problem))
 
     # --- bulk Re-Tuning rendering (paper scale) -------------------------------------------------
     def fast_retuning(self, preset: str, rng: random.Random,

@@ -46,8 +46,9 @@ class Task:
         """The completion a perfect model writes after ``context`` (any context of a solve)."""
         raise NotImplementedError
 
-    def parse_answer(self, text: str, method: str) -> Any:
-        """The answer value in a model's final text; raises ValueError when unparsable."""
+    def parse_answer(self, text: str, method: str, problem: Any = None) -> Any:
+        """The answer value in a model's final text for ``problem`` (addition's answers need its
+        length); raises ValueError when unparsable."""
         raise NotImplementedError
 
     # --- derived, shared by every task ----------------------------------------------------
@@ -61,7 +62,7 @@ class Task:
 
     def is_correct(self, problem: Any, final_text: str, method: str) -> bool:
         try:
-            return self.parse_answer(final_text, method) == self.solution(problem)
+            return self.parse_answer(final_text, method, problem) == self.solution(problem)
         except ValueError:
             return False
 

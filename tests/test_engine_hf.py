@@ -164,3 +164,39 @@ def test_a_cache_budget_bounds_kept_tokens_and_changes_no_text(random_model):
     assert texts(outputs[None]) == texts(outputs[40])
     assert sum(c.prompt_tokens_computed for c in outputs[40]) > \
         sum(c.prompt_tokens_computed for c in outputs[None])
+
+
+def sentencepiece_style_tokenizer():
+    """A LLaMA tokenizer class over single characters: like LLaMA's, it starts every text it
+    encodes with a word-start marker ``▁`` (``"65"`` -> ``▁ 6 5``)."""
+    from transformers import LlamaTokenizer
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for code in [10] + list(range(33, 127)):
+        vocab.setdefault(chr(code), len(vocab))
+    vocab["▁C"] = len(vocab)
+    return LlamaTokenizer(vocab=vocab, merges=[("▁", "C")], unk_token="<unk>", bos_token="<s>",
+                          eos_token="</s>")
+
+
+@pytest.mark.parametrize("task_name, problem", [("addition", ("37", "43")), ("dp", (3, -1, 4)),
+                                                ("parity", (1, 0, 1))])
+def test_completions_decode_to_the_training_outputs_with_a_sentencepiece_tokenizer(task_name, problem):
+    """A model writes each output as the ids training gave it; the backend must read them back as
+    that output, or the contexts it builds next drift from the training inputs (with the old
+    decoding as a continuation of the prompt: ``"Solution:  Call: 7 + 3"``)."""
+    from evaluation.backends import completion_text
+    from preference_datasets import tokenize_records
+    tokenizer = sentencepiece_style_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("65", add_special_tokens=False)["input_ids"])[0] == "▁"
+    task = get_task(task_name)
+    for method in ("baseline", "scratchpad", "retuning"):
+        records = task.records(problem, method)
+        data = tokenize_records(records, tokenizer, max_length=100_000, max_prompt_length=100_000)
+        for (_, output), start, length, prompt_length in zip(records, data.starts, data.lengths,
+                                                              data.prompt_lengths):
+            output_ids = data.tokens[start + prompt_length:start + length - 1].tolist()  # EOS dropped
+            assert completion_text(tokenizer, output_ids) == output
+        if method == "retuning":  # so a solve that writes those ids walks through the training inputs
+            written = {prompt: completion_text(tokenizer, tokenizer(output, add_special_tokens=False)["input_ids"])
+                       for prompt, output in records}
+            assert protocol.solve(task.question(problem), written.__getitem__).steps == records
