@@ -3,8 +3,9 @@
 The name is the original code's; here there are no preferences, only supervised records.
 
 * ``read_records(path)`` reads a ``.json`` list or a ``.jsonl`` file and validates every record.
-* ``with_noisy_call_lines`` gives a share of the combine records call lines of random digits
-  (a training-only lever; the held-out records are never changed).
+* ``with_noisy_call_lines`` gives a share of the combine records call lines of random digits,
+  ``with_distractor_lines`` a share of the call records a line of random digits above the
+  problem (training-only levers; the held-out records are never changed).
 * ``tokenize_records`` tokenizes prompt and output separately (no BOS) and appends EOS:
   ``("07 + 58\\nAnswer: ", "65")`` with the char tokenizer -> 16 prompt ids, then ids of
   ``"6"``, ``"5"``, ``"</s>"``; labels are -100 on the 16 prompt ids (and on padding).
@@ -166,6 +167,30 @@ def with_noisy_call_lines(records: list[tuple[str, str]], share: float, max_digi
         random_run = lambda _: "".join(map(str, rng.integers(0, 10, n)))  # noqa: E731
         noisy.append((answered_call.sub(lambda call: re.sub(r"[0-9]+", random_run, call[0]), prompt), output))
     return noisy
+
+
+def with_distractor_lines(records: list[tuple[str, str]], share: float, max_digits: int,
+                          seed: int) -> list[tuple[str, str]]:
+    """Training records where, in a seeded ``share`` of the call steps (outputs holding a
+    ``Call: ``), a line of n random digits, n drawn in 1..``max_digits`` per record, is put above
+    the problem: ``"73 + 21\\nSolution: "`` may become ``"4751093826617\\n73 + 21\\nSolution: "``,
+    its output ``"Call: 3 + 1\\n"`` kept. A call reads only the line above its own; the model then
+    meets runs of digits longer than any trained problem's in its context while it writes the
+    call's words, as it does under a long problem (docs/tiny_model.md, *A line of digits above*).
+    Other records and every output are kept.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"distractor_line.share must be in [0, 1], got {share}")
+    if share and max_digits < 1:
+        raise ValueError(f"distractor_line.max_digits must be at least 1, got {max_digits}")
+    rng = np.random.default_rng([seed, 7])
+    distracted = []
+    for prompt, output in records:
+        if CALL_TAG in output and rng.random() < share:
+            digits = rng.integers(0, 10, int(rng.integers(1, max_digits + 1)))
+            prompt = "".join(map(str, digits)) + "\n" + prompt
+        distracted.append((prompt, output))
+    return distracted
 
 
 # --- tokens --------------------------------------------------------------------------------

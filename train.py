@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modeling import FROM_SCRATCH_BASE_DIR, count_parameters, load_for_resume, load_model_and_tokenizer
-from preference_datasets import DatasetError, dataset_meta, load_splits, tokenize_records, with_noisy_call_lines
+from preference_datasets import (DatasetError, dataset_meta, load_splits, tokenize_records, with_distractor_lines,
+                                 with_noisy_call_lines)
 from trainers import Trainer, latest_checkpoint
 from utils import MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes
 
@@ -62,6 +63,9 @@ def build(cfg: DictConfig) -> Trainer:
     if cfg.call_line_noise.share:
         train_records = with_noisy_call_lines(train_records, cfg.call_line_noise.share,
                                               cfg.call_line_noise.max_digits, cfg.seed)
+    if cfg.distractor_line.share:
+        train_records = with_distractor_lines(train_records, cfg.distractor_line.share,
+                                              cfg.distractor_line.max_digits, cfg.seed)
     meta = dataset_meta(list(cfg.datasets))
 
     if checkpoint:

@@ -11,7 +11,8 @@ from tasks import protocol
 from preference_datasets import (IGNORE_INDEX, DatasetError, batch_plan, collate, collate_packed, dataset_meta,
                                  pack_rows,
                                  load_splits, microbatches, padding_share, read_records, sibling_path,
-                                 steps_per_epoch, tokenize_records, with_noisy_call_lines)
+                                 steps_per_epoch, tokenize_records, with_distractor_lines,
+                                 with_noisy_call_lines)
 from tests.test_train_fixtures import addition_records, write_dataset
 
 
@@ -194,3 +195,35 @@ def test_noisy_call_lines_change_only_the_call_digits_of_combine_records():
         with_noisy_call_lines(records, 1.5, 7, seed=0)
     with pytest.raises(ValueError, match="call_line_noise.max_digits"):
         with_noisy_call_lines(records, 0.5, 0, seed=0)
+
+
+def test_distractor_lines_put_random_digits_above_the_problem_of_call_records_only():
+    records = [(r["input"], r["output"]) for r in addition_records(random.Random(0), [2, 3, 4], 10)]
+    calls = [i for i, (_, output) in enumerate(records) if output.startswith("Call: ")]
+    assert 0 < len(calls) < len(records)
+    distracted = with_distractor_lines(records, share=1.0, max_digits=9, seed=0)
+    widths = set()
+    for i, ((prompt, output), (new_prompt, new_output)) in enumerate(zip(records, distracted)):
+        assert new_output == output
+        if i not in calls:
+            assert new_prompt == prompt
+            continue
+        line, _, rest = new_prompt.partition("\n")
+        assert rest == prompt and line.isdigit() and 1 <= len(line) <= 9
+        widths.add(len(line))
+    assert widths == set(range(1, 10))
+    assert with_distractor_lines(records, 1.0, 9, seed=0) == distracted  # same seed, same records
+    assert with_distractor_lines(records, 1.0, 9, seed=1) != distracted
+    assert with_distractor_lines(records, 0.0, 9, seed=0) == records
+    quarter = with_distractor_lines(records, 0.25, 9, seed=0)
+    changed = sum(new != old for new, old in zip(quarter, records))
+    assert 0.1 * len(calls) < changed < 0.4 * len(calls)
+    # DP's calls follow a note on their line; they are call records all the same.
+    dp_call = (protocol.pose("Create dp array [5, -1, 4]"),
+               "Call with array minus first element. " + protocol.call_line("Create dp array [-1, 4]"))
+    (prompt, _), = with_distractor_lines([dp_call], 1.0, 3, seed=0)
+    assert prompt.endswith("\n" + dp_call[0]) and prompt != dp_call[0]
+    with pytest.raises(ValueError, match="distractor_line.share"):
+        with_distractor_lines(records, -0.1, 9, seed=0)
+    with pytest.raises(ValueError, match="distractor_line.max_digits"):
+        with_distractor_lines(records, 0.5, 0, seed=0)

@@ -307,13 +307,14 @@ def test_an_onward_gap_moves_the_rest_of_the_record_together(tmp_path, dataset):
     trainer.logger.close()
 
 
-def test_noisy_call_lines_change_the_training_records_only(tmp_path, dataset):
+@pytest.mark.parametrize("lever", ["call_line_noise", "distractor_line"])
+def test_noisy_lines_change_the_training_records_only(tmp_path, dataset, lever):
     plain = build(config(tmp_path, dataset, name="plain"))
-    noisy = build(config(tmp_path, dataset, "call_line_noise.share=1.0", "call_line_noise.max_digits=20",
-                         name="noisy"))
+    noisy = build(config(tmp_path, dataset, f"{lever}.share=1.0", f"{lever}.max_digits=20", name="noisy"))
     for trainer in (plain, noisy):
         trainer.logger.close()
-    # The fixture's calls have at most 2 digits per operand: random widths of 1-20 lengthen them.
+    # The fixture's calls have at most 2 digits per operand: random widths of 1-20 lengthen them,
+    # and a distractor line lengthens every call record's prompt.
     assert noisy.train_data.lengths.sum() > plain.train_data.lengths.sum()
     assert len(noisy.train_data) == len(plain.train_data)
     assert np.array_equal(noisy.eval_data.tokens, plain.eval_data.tokens)  # held-out loss as before
