@@ -140,8 +140,8 @@ class Trainer:
         self.save("final", step)
 
     # --- pieces of a step --------------------------------------------------------------------
-    def nll(self, data: TokenizedRecords, indices):
-        """Summed NLL of the output tokens of some records."""
+    def nll(self, data: TokenizedRecords, indices, model=None):
+        """Summed NLL of the output tokens of some records, by ``model`` (the training wrapper)."""
         if self.packed_rows(data, indices) < len(indices):
             inputs = collate_packed(data, indices, self.pad_id, self.position_ids if self.line_positions else None)
             attention_mask = self.packed_attention_mask(inputs.pop("allowed"))
@@ -159,7 +159,7 @@ class Trainer:
         if attention_mask is not None:
             attention_mask = attention_mask.to(device, non_blocking=True)
         with self.autocast():
-            logits = self.model(**inputs, attention_mask=attention_mask, use_cache=False).logits
+            logits = (model or self.model)(**inputs, attention_mask=attention_mask, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX, reduction="sum")
         return nll
@@ -238,7 +238,8 @@ class Trainer:
         batches = [order[i:i + size] for i in range(0, len(order), size)][self.processes.rank::self.processes.world_size]
         loss_sum, counts, _ = self.zero_stats()
         for indices in batches:
-            loss_sum += self.nll(data, indices)
+            # The bare model: DDP's forward is a collective, and ranks hold different batch counts.
+            loss_sum += self.nll(data, indices, self.raw_model)
             counts += self.counts(data, indices)
         self.model.train()
         nll, seqs, tokens = self.reduce(loss_sum, counts)[:3]

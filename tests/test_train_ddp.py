@@ -25,7 +25,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(ROOT, "train.py"), *SMALL_MODEL, f"datasets=[{dataset}]", f"run_dir={tmp_path / 'ddp'}",
                "batch_size=8", "n_epochs=100", "log_every=2", "num_threads=1", "warmup_steps=2",
-               "eval_batch_size=8", "mixed_precision=none", *common]
+               # 9 held-out records in batches of 4: one process evaluates 2 batches, the other 1
+               "eval_batch_size=4", "mixed_precision=none", *common]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,3 +40,19 @@ def test_two_gloo_processes_match_one_process(tmp_path):
                              for d in (single, tmp_path / "ddp"))
     assert len(single_eval) == len(ddp_eval) == 3
     assert ddp_eval == [pytest.approx(loss, abs=1e-4) for loss in single_eval]
+
+
+def test_two_processes_finish_when_one_has_no_held_out_batch(tmp_path):
+    """One batch of held-out records for two processes: the second evaluates nothing and waits in
+    the sum while the first evaluates; with DDP's forward (a collective) there, both hung."""
+    dataset = write_dataset(tmp_path, "addition_retuning_ddp", addition_records(random.Random(0), [1, 2, 3], 10),
+                            test=addition_records(random.Random(1), [2], 3))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), *SMALL_MODEL, f"datasets=[{dataset}]", f"run_dir={tmp_path / 'ddp'}",
+               "batch_size=8", "n_examples=32", "eval_every=16", "save_every=0", "num_threads=1",
+               "eval_batch_size=256"]  # the trainer's own precision: bf16 autocast where the CPU has it
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = [json.loads(line)["eval/loss"] for line in open(tmp_path / "ddp" / "metrics.jsonl") if "eval/loss" in line]
+    assert len(evals) >= 2 and all(0 < loss < 100 for loss in evals)
