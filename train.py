@@ -22,7 +22,7 @@ from modeling import FROM_SCRATCH_BASE_DIR, count_parameters, load_for_resume, l
 from preference_datasets import (DatasetError, dataset_meta, load_splits, tokenize_records, with_distractor_lines,
                                  with_noisy_call_lines)
 from trainers import Trainer, latest_checkpoint
-from utils import MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes
+from utils import PRECISIONS, MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 
@@ -32,6 +32,42 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose(config_name="config", overrides=list(overrides or []))
+
+
+class SettingError(ValueError):
+    """A training setting out of its range: reported in one line before anything is written."""
+
+
+def check_settings(cfg: DictConfig, world_size: int) -> None:
+    """The plain settings' ranges, checked before the run directory is touched, e.g.
+    ``batch_size=0`` -> ``SettingError: batch_size must be a whole number >= 1, got 0``."""
+    def whole(name, low, allow_null=False):
+        value = OmegaConf.select(cfg, name)
+        if (value is None and allow_null) or (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            return
+        raise SettingError(f"{name} must be a whole number >= {low}{' or null' if allow_null else ''}, got {value!r}")
+
+    def share(name):
+        value = OmegaConf.select(cfg, name)
+        if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise SettingError(f"{name} must be a share in [0, 1], got {value!r}")
+
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size", "n_epochs"):
+        whole(name, 1)
+    whole("n_examples", 1, allow_null=True)
+    whole("keep_checkpoints", 0, allow_null=True)
+    whole("warmup_steps", 0)
+    for name in ("position_gaps_free_share", "call_line_noise.share", "distractor_line.share"):
+        share(name)
+    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise SettingError(f"lr must be a positive number, got {cfg.lr!r}")
+    for name, allowed in (("lr_schedule", ("constant", "cosine")), ("loss_reduction", ("sum", "mean")),
+                          ("mixed_precision", PRECISIONS)):
+        if cfg[name] not in allowed:
+            raise SettingError(f"{name} must be one of {', '.join(allowed)}, got {cfg[name]!r}")
+    if cfg.batch_size % (cfg.gradient_accumulation_steps * world_size):
+        raise SettingError(f"batch_size={cfg.batch_size} must split evenly into gradient_accumulation_steps="
+                           f"{cfg.gradient_accumulation_steps} x {world_size} processes")
 
 
 def run(cfg: DictConfig) -> str:
@@ -48,6 +84,7 @@ def build(cfg: DictConfig) -> Trainer:
     """Everything up to the first step: processes, run directory, data, model, trainer (resumed
     from the last checkpoint when ``cfg.resume`` names a run directory)."""
     processes = init_processes(cfg.device)
+    check_settings(cfg, processes.world_size)
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes.local_world_size))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     torch.manual_seed(cfg.seed + processes.rank)  # dropout differs across processes, same each run
@@ -99,7 +136,7 @@ def build(cfg: DictConfig) -> Trainer:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except DatasetError as error:  # a bad data file: one line naming file and record
+    except (DatasetError, SettingError) as error:  # a bad data file or setting: one line naming it
         sys.exit(f"error: {error}")
     finally:
         if torch.distributed.is_initialized():

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -522,3 +523,19 @@ def test_without_held_out_records_no_eval_loss_is_invented_and_bad_options_fail_
     with pytest.raises(ValueError, match="loss_reduction must be 'sum' or 'mean'"):
         run(config(tmp_path, plain, "n_eval_examples=0", "loss_reduction=average", name="bad"))
     assert not os.path.exists(tmp_path / "bad" / "final")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size must be a whole number >= 1, got 0"),
+    ("n_examples=0", "n_examples must be a whole number >= 1 or null, got 0"),
+    ("lr=abc", "lr must be a positive number, got 'abc'"),
+    ("keep_checkpoints=-1", "keep_checkpoints must be a whole number >= 0 or null"),
+    ("mixed_precision=fp8", "mixed_precision must be one of auto, bf16, none, got 'fp8'"),
+    ("distractor_line.share=1.5", "distractor_line.share must be a share in [0, 1], got 1.5"),
+    ("gradient_accumulation_steps=3", "batch_size=8 must split evenly into gradient_accumulation_steps=3"),
+])
+def test_a_bad_setting_stops_the_run_before_anything_is_written(tmp_path, dataset, override, message):
+    from train import SettingError
+    with pytest.raises(SettingError, match=re.escape(message)):
+        build(config(tmp_path, dataset, override))
+    assert not (tmp_path / "run").exists()
