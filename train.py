@@ -70,6 +70,23 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
                            f"{cfg.gradient_accumulation_steps} x {world_size} processes")
 
 
+def check_resumable(cfg: DictConfig) -> None:
+    """``resume=`` must name a run directory, of a run on the same data and model: a mistyped
+    path would otherwise train from scratch, other data would continue a run under its name."""
+    if not os.path.isdir(cfg.resume):
+        raise SettingError(f"resume={cfg.resume}: no such run directory (run_dir= starts a new run)")
+    saved_path = os.path.join(cfg.resume, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return  # stopped before its first record was read: nothing to differ from
+    saved = OmegaConf.load(saved_path)
+    for key in ("datasets", "model.name"):
+        before, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        before, now = (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (before, now))
+        if before != now:
+            raise SettingError(f"resume={cfg.resume} trained {key}={before}, not {now}: "
+                               "resume with the same, or start a new run with run_dir=")
+
+
 def run(cfg: DictConfig) -> str:
     """Train as ``cfg`` says; returns the run directory."""
     trainer = build(cfg)
@@ -85,6 +102,8 @@ def build(cfg: DictConfig) -> Trainer:
     from the last checkpoint when ``cfg.resume`` names a run directory)."""
     processes = init_processes(cfg.device)
     check_settings(cfg, processes.world_size)
+    if cfg.resume:
+        check_resumable(cfg)
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes.local_world_size))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     torch.manual_seed(cfg.seed + processes.rank)  # dropout differs across processes, same each run

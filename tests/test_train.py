@@ -400,6 +400,14 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dat
     monkeypatch.setattr(trainers.Trainer, "save", save)
     assert not os.path.exists(tmp_path / "killed" / "final")
 
+    from train import SettingError
+    other_data = write_dataset(tmp_path, "addition_baseline_other", addition_records(random.Random(5), [1, 2], 8))
+    with pytest.raises(SettingError, match=r"trained datasets=\[.*addition_retuning_test.*\], not \[.*addition_baseline_other"):
+        build(config(tmp_path, other_data, *overrides, f"resume={tmp_path / 'killed'}"))
+    with pytest.raises(SettingError, match="killd: no such run directory"):
+        build(config(tmp_path, dataset, *overrides, f"resume={tmp_path / 'killd'}"))
+    assert not os.path.exists(tmp_path / "killd")
+
     resumed = run(config(tmp_path, dataset, *overrides, f"resume={tmp_path / 'killed'}", name="ignored"))
     assert resumed == str(tmp_path / "killed") and not os.path.exists(tmp_path / "ignored")
     assert_same_weights(weights(f"{whole}/final"), weights(f"{resumed}/final"), exact=True)
