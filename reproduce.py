@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from data_generation.pipeline import GENERATOR_VERSION, file_names, generate
-from evaluation.cli import parse_lengths
+from evaluation.cli import EVAL_DTYPES, parse_lengths
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
 from tasks.base import METHODS
@@ -274,12 +275,36 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
 
 
 
+def check_settings(cfg: DictConfig, names: list[str]) -> None:
+    """What the evaluations and trainings will read, checked before any work, so that a typo fails
+    now rather than after the trainings: ``eval_samples=0`` -> one line naming it."""
+    if not cfg.methods:
+        raise SystemExit(f"error: methods is empty; give some of {', '.join(METHODS)}")
+    if cfg.jobs != "auto" and not (isinstance(cfg.jobs, int) and cfg.jobs >= 1):
+        raise SystemExit(f"error: jobs must be auto or a whole number >= 1, got {cfg.jobs!r}")
+    if cfg.eval.dtype not in EVAL_DTYPES:
+        raise SystemExit(f"error: eval.dtype must be one of {', '.join(EVAL_DTYPES)}, got {cfg.eval.dtype!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.eval.device)):
+        raise SystemExit(f"error: eval.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.eval.device!r}")
+    for name in names:
+        preset, settings = task_settings(cfg, name)
+        for key in ("lengths", "eval_lengths"):
+            if settings[key] is not None:
+                try:
+                    parse_lengths(settings[key])
+                except ValueError as error:
+                    raise SystemExit(f"error: tasks.{name}.{preset}.{key}={settings[key]}: {error}") from None
+        for key in ("eval_samples", "train_steps", "tokens_per_step"):
+            if settings[key] is not None and not (isinstance(settings[key], int) and settings[key] >= 1):
+                raise SystemExit(f"error: tasks.{name}.{preset}.{key} must be a whole number >= 1, got {settings[key]!r}")
+
+
 def parallel_jobs(cfg: DictConfig) -> int:
     """Methods trained and evaluated at once: ``auto`` is one per CPU core for the tiny model
     (each child runs one thread, the fastest setting measured for it) and 1 for any other model,
     which would share one GPU."""
     if cfg.jobs != "auto":
-        return max(1, int(cfg.jobs))
+        return cfg.jobs
     return max(1, min(len(cfg.methods), os.cpu_count() or 1)) if cfg.model == "tiny" else 1
 
 
@@ -317,6 +342,7 @@ def main(cfg: DictConfig) -> None:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: methods: unknown {', '.join(map(str, unknown))}; known: {', '.join(METHODS)}")
+    check_settings(cfg, names)
     jobs = parallel_jobs(cfg)
     steps = tqdm(total=len(names) * (3 * len(cfg.methods) + 1), desc="reproduce", unit=" steps")
     for name in names:

@@ -24,6 +24,7 @@ from evaluation.engine import LimitRules, evaluate, format_trace
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config" / "evaluation"
 METHODS = ("baseline", "scratchpad", "retuning")
+EVAL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 # --- small parsers --------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def build_parser(task_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="contexts per forward pass")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default="auto", choices=EVAL_DTYPES,
                         help="auto: float16 on a GPU, float32 on a CPU")
     parser.add_argument("--out", help="results directory (default results/<run name>)")
     parser.add_argument("--train-lengths", help="trained lengths to shade (default: data_meta.json)")

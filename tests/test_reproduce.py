@@ -181,9 +181,15 @@ def test_summary_shows_peak_gpu_memory_of_runs_trained_on_a_gpu(tmp_path):
 
 
 def test_unknown_task_model_or_method_stops_with_one_line_before_any_work(tmp_path):
+    # Evaluation settings too: they are read only after the trainings, minutes later.
     for override, message in [("task=foo", "error: task=foo: unknown task 'foo'; known: addition, dp, parity"),
                               ("model=nosuch", "error: model=nosuch: no config/model/nosuch.yaml; known: llama13b"),
-                              ("methods=[foo,baseline]", "error: methods: unknown foo; known: baseline, scratchpad, retuning")]:
+                              ("methods=[foo,baseline]", "error: methods: unknown foo; known: baseline, scratchpad, retuning"),
+                              ("methods=[]", "error: methods is empty"),
+                              ("jobs=0", "error: jobs must be auto or a whole number >= 1, got 0"),
+                              ("eval.dtype=int8", "error: eval.dtype must be one of auto, float32"),
+                              ("tasks.addition.small.eval_lengths=0-3", "error: tasks.addition.small.eval_lengths=0-3: "),
+                              ("tasks.addition.small.eval_samples=0", "error: tasks.addition.small.eval_samples must be")]:
         done = subprocess.run([sys.executable, os.path.join(REPO, "reproduce.py"), override, f"data_dir={tmp_path}/data"],
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
