@@ -28,7 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from data_generation.pipeline import GENERATOR_VERSION, file_names, generate
-from evaluation.cli import EVAL_DTYPES, parse_lengths
+from evaluation.cli import EVAL_DEVICES, EVAL_DTYPES, parse_lengths
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
 from tasks.base import METHODS
@@ -284,7 +284,7 @@ def check_settings(cfg: DictConfig, names: list[str]) -> None:
         raise SystemExit(f"error: jobs must be auto or a whole number >= 1, got {cfg.jobs!r}")
     if cfg.eval.dtype not in EVAL_DTYPES:
         raise SystemExit(f"error: eval.dtype must be one of {', '.join(EVAL_DTYPES)}, got {cfg.eval.dtype!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.eval.device)):
+    if not re.fullmatch(EVAL_DEVICES, str(cfg.eval.device)):
         raise SystemExit(f"error: eval.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.eval.device!r}")
     for name in names:
         preset, settings = task_settings(cfg, name)

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config" / "evaluation"
 METHODS = ("baseline", "scratchpad", "retuning")
 EVAL_DTYPES = ("auto", "float32", "float16", "bfloat16")
+EVAL_DEVICES = r"auto|cpu|cuda(:\d+)?|mps"  # a pattern: cuda:1 too
 
 
 # --- small parsers --------------------------------------------------------------------------
@@ -262,6 +263,14 @@ def main(task_name: str, argv: list[str] | None = None) -> dict | None:
         return None
     if not args.checkpoint and not args.oracle:
         raise SystemExit("error: --checkpoint is required (or --oracle)")
+    for flag in ("samples", "batch_size", "max_depth", "max_calls", "max_new_tokens", "kv_cache_budget"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.temperature < 0:
+        raise SystemExit(f"error: --temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not re.fullmatch(EVAL_DEVICES, args.device):
+        raise SystemExit(f"error: --device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
     limits = {"new_tokens_fixed": args.max_new_tokens}
     if args.max_depth is not None:
         limits.update(depth_per_length=0, depth_fixed=args.max_depth)

@@ -189,6 +189,11 @@ def test_show_trace_from_saved_results(tmp_path, capsys):
     (["--lengths", "2-x", "--oracle", "--method", "baseline"], "--lengths: cannot read '2-x'"),
     (["--oracle"], "--method is needed"),
     (["--samples", "0", "--oracle", "--method", "baseline"], "--samples must be >= 1"),
+    (["--max-depth", "0", "--oracle", "--method", "retuning"], "--max-depth must be >= 1, got 0"),
+    (["--max-calls", "-5", "--oracle", "--method", "retuning"], "--max-calls must be >= 1, got -5"),
+    (["--batch-size", "0", "--oracle", "--method", "baseline"], "--batch-size must be >= 1, got 0"),
+    (["--temperature", "-1", "--oracle", "--method", "baseline"], "--temperature must be 0"),
+    (["--device", "tpu", "--oracle", "--method", "baseline"], "--device must be auto, cpu, cuda, cuda:N or mps"),
     ([], "--checkpoint is required"),
 ])
 def test_bad_flags_give_one_line_errors(argv, message, tmp_path):
