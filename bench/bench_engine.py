@@ -45,8 +45,9 @@ from tasks import get_task  # noqa: E402
 
 def load_model(args):
     if args.checkpoint:
+        from evaluation.cli import resolve_checkpoint
         from modeling import load_checkpoint
-        model, tokenizer = load_checkpoint(args.checkpoint, dtype="float32", merge_lora=True)
+        model, tokenizer = load_checkpoint(resolve_checkpoint(args.checkpoint)[0], dtype="float32", merge_lora=True)
         return model, tokenizer, f"checkpoint {args.checkpoint}"
     config = dict(TINY, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                   num_hidden_layers=args.layers)
@@ -76,7 +77,7 @@ def measure(name, runner, backend, task, problems, limits_for):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="a saved model to use instead of training one")
+    parser.add_argument("--checkpoint", help="a saved model (or a run directory: its final/) to use instead of training one")
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--save-model", help="save the model trained here (reuse with --checkpoint)")
     parser.add_argument("--hidden", type=int, default=64)

@@ -87,7 +87,7 @@ def throughput(path: str, args, folder: str, batching: str, round_: int) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="addition", help="the task of the throughput runs")
     parser.add_argument("--token-tasks", default="addition,dp,parity", help="tasks of the tokens-per-record table")
     parser.add_argument("--preset", default="small")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 
@@ -47,7 +48,7 @@ def parse_lengths(text: str) -> list[int]:
 
 def build_parser(task_name: str | None) -> OneLineParser:
     prog = f"generate_{task_name}.py" if task_name else "generate.py"
-    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0].rstrip(":") + ".")
     if task_name is None:
         parser.add_argument("--task", required=True, help="addition, dp or parity")
     parser.add_argument("--methods", default=",".join(METHODS),
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None, task_name: str | None = None) -> int:
     except OSError as error:
         parser.error(f"--out-dir: cannot write to {args.out_dir!r} ({error.strerror or error})")
 
+    # A kill (SIGTERM) unwinds like Ctrl-C, so the half-written temporary files are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for method in methods:
         try:
             meta = generate(task, method, args.preset, args.seed, args.out_dir, lengths,

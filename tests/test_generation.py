@@ -201,6 +201,21 @@ def test_interrupted_run_leaves_old_files_and_no_temporaries(tmp_path, monkeypat
     assert {name: read(tmp_path / name) for name in os.listdir(tmp_path)} == before  # no .tmp either
 
 
+def test_a_killed_script_leaves_no_temporaries(tmp_path):
+    """SIGTERM (``kill``, a job scheduler) unwinds as Ctrl-C does: the .tmp file being written goes."""
+    import signal
+    import time
+    child = subprocess.Popen([sys.executable, "data_generation/generate_addition.py", "--methods", "scratchpad",
+                              "--lengths", "1-40", "--quiet", "--out-dir", str(tmp_path)], cwd=ROOT)
+    deadline = time.time() + 60
+    while not any(name.endswith(".tmp") for name in os.listdir(tmp_path)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert any(name.endswith(".tmp") for name in os.listdir(tmp_path)), "no temporary file appeared"
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == []
+
+
 def test_parse_lengths():
     assert parse_lengths("1-8") == list(range(1, 9))
     assert parse_lengths("3, 1,5-6") == [1, 3, 5, 6]
