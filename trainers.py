@@ -59,10 +59,6 @@ class Trainer:
                  run_dir: str, processes: Processes, logger: MetricsLogger):
         self.cfg, self.tokenizer, self.run_dir, self.processes = cfg, tokenizer, run_dir, processes
         self.train_data, self.eval_data, self.logger = train_data, eval_data, logger
-        world, accumulation = processes.world_size, cfg.gradient_accumulation_steps
-        if cfg.batch_size % (world * accumulation):
-            raise ValueError(f"batch_size={cfg.batch_size} must split evenly into gradient_accumulation_steps="
-                             f"{accumulation} x {world} processes")
         self.steps_per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(train_data)} training records, fewer than batch_size={cfg.batch_size}")
@@ -74,8 +70,6 @@ class Trainer:
             raise ValueError("position_gaps need line positions (the model's line_position_stride)")
         self.position_gaps = [PositionGap(entry, tokenizer, self.line_positions.newline_id)
                               for entry in cfg.position_gaps or []]
-        if not 0 <= cfg.get("position_gaps_free_share", 0) <= 1:
-            raise ValueError(f"position_gaps_free_share must be a share in 0..1, got {cfg.position_gaps_free_share}")
         self.raw_model = model.to(processes.device).train()  # from_pretrained gives eval mode: no dropout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -108,7 +108,7 @@ class ProblemResult:
 def _score(result: ProblemResult, task, method: str) -> None:
     """Parse the final text and compare it with the task's solution."""
     try:
-        result.predicted = task.parse_answer(result.final_text, method, result.problem)
+        result.predicted = task.answer_for(result.problem, result.final_text, method)
     except ValueError as error:
         result.failure, result.failure_message = "unparsable_answer", str(error)
         return

@@ -289,9 +289,9 @@ class AdditionTask(Task):
         return protocol.call_line(question(a[1:], b[1:]))
 
     # --- answers ------------------------------------------------------------------------------
-    def parse_answer(self, text: str, method: str, problem: Problem | None = None) -> int:
+    def parse_answer(self, text: str, method: str, length: int | None = None) -> int:
         """baseline ``"65"`` -> 65; scratchpad (its last line) and Re-Tuning
-        ``"Carry 1, Output 08"`` -> 108 (``c * 10^L`` with L the problem's length, where given).
+        ``"Carry 1, Output 08"`` -> 108 (``c * 10^length``, by default ``10^len(s)``).
         ValueError for anything else."""
         if method == "baseline":
             if not _DIGITS.fullmatch(text.strip()):
@@ -303,7 +303,12 @@ class AdditionTask(Task):
             text = protocol.read_answer(text)
         else:
             raise ValueError(f"unknown method {method!r}")
-        return carry_output_value(text, None if problem is None else self.length(problem))
+        return carry_output_value(text, length)
+
+    def answer_for(self, problem: Problem, final_text: str, method: str) -> int:
+        """SPEC: ``"Carry c, Output s"`` is ``c * 10^L + int(s)``, L the problem's length:
+        for ``("99", "99")``, ``"Carry 1, Output 098"`` -> 198."""
+        return self.parse_answer(final_text, method, self.length(problem))
 
     # --- bulk Re-Tuning rendering (paper scale) -------------------------------------------------
     def fast_retuning(self, preset: str, rng: random.Random,

@@ -46,9 +46,8 @@ class Task:
         """The completion a perfect model writes after ``context`` (any context of a solve)."""
         raise NotImplementedError
 
-    def parse_answer(self, text: str, method: str, problem: Any = None) -> Any:
-        """The answer value in a model's final text for ``problem`` (addition's answers need its
-        length); raises ValueError when unparsable."""
+    def parse_answer(self, text: str, method: str) -> Any:
+        """The answer value in a model's final text; raises ValueError when unparsable."""
         raise NotImplementedError
 
     # --- derived, shared by every task ----------------------------------------------------
@@ -60,9 +59,14 @@ class Task:
         context = self.prompt(problem, method)
         return [(context, self.oracle(context, method))]
 
+    def answer_for(self, problem: Any, final_text: str, method: str) -> Any:
+        """The answer value of a final text written for ``problem``: ``parse_answer``'s, unless
+        the text's meaning depends on the problem (addition's ``Carry c`` counts 10^L)."""
+        return self.parse_answer(final_text, method)
+
     def is_correct(self, problem: Any, final_text: str, method: str) -> bool:
         try:
-            return self.parse_answer(final_text, method, problem) == self.solution(problem)
+            return self.answer_for(problem, final_text, method) == self.solution(problem)
         except ValueError:
             return False
 

@@ -390,7 +390,7 @@ class DPTask(Task):
         return records
 
     # --- answers ------------------------------------------------------------------------------
-    def parse_answer(self, text: str, method: str, problem: Items | None = None) -> list[int]:
+    def parse_answer(self, text: str, method: str) -> list[int]:
         """The choice list: ``"[1, 2, 1]"`` (baseline; Re-Tuning, whose ``Answer: `` line is read as
         the protocol does) or the scratchpad's ``"Reconstructing all together, output=[2, 1]."``."""
         if method == "scratchpad":

@@ -229,7 +229,7 @@ class ParityTask(Task):
         return records
 
     # --- answers ------------------------------------------------------------------------------
-    def parse_answer(self, text: str, method: str, problem: Bits | None = None) -> int:
+    def parse_answer(self, text: str, method: str) -> int:
         """``"1"`` -> 1 (baseline, Re-Tuning; an ``Answer: `` line is read as the protocol does);
         ``"Compute one element at a time. 1 1 0 1"`` -> 1 (scratchpad: its last value)."""
         if method == "scratchpad":

@@ -44,7 +44,7 @@ def test_answer_parsing():
     assert TASK.is_correct(("07", "58"), "65", "baseline")
     assert not TASK.is_correct(("07", "58"), "Carry 0, Output 64", "retuning")
     # SPEC: "Carry c, Output s" is c * 10^L + int(s) with L the problem's length, whatever len(s).
-    assert TASK.parse_answer("Carry 1, Output 098", "retuning", ("99", "99")) == 198
+    assert TASK.answer_for(("99", "99"), "Carry 1, Output 098", "retuning") == 198
     assert TASK.is_correct(("99", "99"), "Carry 1, Output 098", "retuning")
     assert not TASK.is_correct(("99", "99"), "Carry 1, Output 0198", "scratchpad")  # 100 + 198
 
