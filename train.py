@@ -22,7 +22,8 @@ from modeling import FROM_SCRATCH_BASE_DIR, count_parameters, load_for_resume, l
 from preference_datasets import (DatasetError, dataset_meta, load_splits, tokenize_records, with_distractor_lines,
                                  with_noisy_call_lines)
 from trainers import Trainer, latest_checkpoint
-from utils import PRECISIONS, MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes
+from utils import (PRECISIONS, MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes,
+                   pick_device)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 
@@ -65,6 +66,10 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
                           ("mixed_precision", PRECISIONS)):
         if cfg[name] not in allowed:
             raise SettingError(f"{name} must be one of {', '.join(allowed)}, got {cfg[name]!r}")
+    try:
+        pick_device(cfg.device)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: a device string torch cannot read
+        raise SettingError(str(error)) from None
     if cfg.batch_size % (cfg.gradient_accumulation_steps * world_size):
         raise SettingError(f"batch_size={cfg.batch_size} must split evenly into gradient_accumulation_steps="
                            f"{cfg.gradient_accumulation_steps} x {world_size} processes")
@@ -100,8 +105,8 @@ def run(cfg: DictConfig) -> str:
 def build(cfg: DictConfig) -> Trainer:
     """Everything up to the first step: processes, run directory, data, model, trainer (resumed
     from the last checkpoint when ``cfg.resume`` names a run directory)."""
+    check_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     processes = init_processes(cfg.device)
-    check_settings(cfg, processes.world_size)
     if cfg.resume:
         check_resumable(cfg)
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes.local_world_size))

@@ -82,6 +82,9 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: this process's GPU when CUDA is available, else the CPU."""
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(preference).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={preference}: this torch ({torch.__version__}) sees no CUDA device; "
+                         "use cpu or auto")
     if preference == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(preference)

@@ -117,13 +117,6 @@ def read_run_metadata(run_dir: Path | None, task_name: str) -> dict:
 
 
 # --- running --------------------------------------------------------------------------------
-def pick_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def pick_dtype(dtype: str, device: str) -> str:
     """``auto``: float16 on a GPU (as the paper evaluated), float32 on a CPU."""
     if dtype == "auto":
@@ -193,7 +186,8 @@ def model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: int
     import torch
     from evaluation.backends import HFBackend, HFSequentialBackend
     from modeling import load_checkpoint
-    device = pick_device(device)
+    from utils import pick_device  # the trainer's rule: auto = a GPU where CUDA sees one
+    device = str(pick_device(device))
     dtype = pick_dtype(dtype, device)
     torch.manual_seed(seed)
     model, tokenizer = load_checkpoint(str(checkpoint_dir), dtype=dtype, merge_lora=True)

@@ -541,6 +541,8 @@ def test_without_held_out_records_no_eval_loss_is_invented_and_bad_options_fail_
     ("mixed_precision=fp8", "mixed_precision must be one of auto, bf16, none, got 'fp8'"),
     ("distractor_line.share=1.5", "distractor_line.share must be a share in [0, 1], got 1.5"),
     ("gradient_accumulation_steps=3", "batch_size=8 must split evenly into gradient_accumulation_steps=3"),
+    pytest.param("device=cuda", "device=cuda: this torch", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a machine with a GPU runs device=cuda")),
 ])
 def test_a_bad_setting_stops_the_run_before_anything_is_written(tmp_path, dataset, override, message):
     from train import SettingError
