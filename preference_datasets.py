@@ -139,6 +139,18 @@ def load_splits(paths: list[str], n_eval_examples: int, seed: int):
     return train, held_out
 
 
+def _check_noise(option: str, share: float, max_digits: int) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{option}.share must be in [0, 1], got {share}")
+    if share and max_digits < 1:
+        raise ValueError(f"{option}.max_digits must be at least 1, got {max_digits}")
+
+
+def _digit_run(rng: np.random.Generator, n: int) -> str:
+    """n random digits, e.g. ``"4751093826617"``."""
+    return "".join(map(str, rng.integers(0, 10, n)))
+
+
 def with_noisy_call_lines(records: list[tuple[str, str]], share: float, max_digits: int,
                           seed: int) -> list[tuple[str, str]]:
     """Training records where, in a seeded ``share`` of the combine steps (inputs where a
@@ -151,10 +163,7 @@ def with_noisy_call_lines(records: list[tuple[str, str]], share: float, max_digi
     ``"03 + 10\\nSolution: Call: 876475938 + 242194892\\nReturn: Carry 0, Output 3\\nAnswer: "``.
     Other records, the text of a call line before its ``Call: ``, and every output are kept.
     """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"call_line_noise.share must be in [0, 1], got {share}")
-    if share and max_digits < 1:
-        raise ValueError(f"call_line_noise.max_digits must be at least 1, got {max_digits}")
+    _check_noise("call_line_noise", share, max_digits)
     # A call is CALL_TAG + sub-question + "\n" (tasks.protocol.call_line), answered by the Return after it.
     answered_call = re.compile(re.escape(CALL_TAG) + r"[^\n]*(?=\n" + re.escape(RETURN_TAG) + ")")
     rng = np.random.default_rng([seed, 3])
@@ -164,7 +173,7 @@ def with_noisy_call_lines(records: list[tuple[str, str]], share: float, max_digi
             noisy.append((prompt, output))
             continue
         n = int(rng.integers(1, max_digits + 1))
-        random_run = lambda _: "".join(map(str, rng.integers(0, 10, n)))  # noqa: E731
+        random_run = lambda _: _digit_run(rng, n)  # noqa: E731
         noisy.append((answered_call.sub(lambda call: re.sub(r"[0-9]+", random_run, call[0]), prompt), output))
     return noisy
 
@@ -179,16 +188,12 @@ def with_distractor_lines(records: list[tuple[str, str]], share: float, max_digi
     call's words, as it does under a long problem (docs/tiny_model.md, *A line of digits above*).
     Other records and every output are kept.
     """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"distractor_line.share must be in [0, 1], got {share}")
-    if share and max_digits < 1:
-        raise ValueError(f"distractor_line.max_digits must be at least 1, got {max_digits}")
+    _check_noise("distractor_line", share, max_digits)
     rng = np.random.default_rng([seed, 7])
     distracted = []
     for prompt, output in records:
         if CALL_TAG in output and rng.random() < share:
-            digits = rng.integers(0, 10, int(rng.integers(1, max_digits + 1)))
-            prompt = "".join(map(str, digits)) + "\n" + prompt
+            prompt = _digit_run(rng, int(rng.integers(1, max_digits + 1))) + "\n" + prompt
         distracted.append((prompt, output))
     return distracted
 
