@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from modeling import FROM_SCRATCH_BASE_DIR, count_parameters, load_for_resume, load_model_and_tokenizer
 from preference_datasets import (DatasetError, dataset_meta, load_splits, tokenize_records, with_distractor_lines,
                                  with_noisy_call_lines)
-from trainers import Trainer, latest_checkpoint
+from trainers import Trainer, latest_checkpoint, planned_steps
 from utils import (PRECISIONS, MetricsLogger, atomic_write_json, atomic_write_text, barrier, init_processes,
                    pick_device)
 
@@ -92,6 +92,15 @@ def check_resumable(cfg: DictConfig) -> None:
                                "resume with the same, or start a new run with run_dir=")
 
 
+def check_not_past_the_end(cfg: DictConfig, state: dict, planned: int) -> None:
+    """A resumed run that has already taken more steps than this config plans (a smaller
+    ``n_examples`` or ``n_epochs``) stops before anything is written, its checkpoints untouched."""
+    if state["batch_size"] == cfg.batch_size and state["step"] > planned:
+        raise SettingError(f"resume={cfg.resume} has trained {state['step']} steps, more than the {planned} "
+                           f"that n_examples={cfg.n_examples}, n_epochs={cfg.n_epochs} plan: resume with at "
+                           "least as many, or start a new run with run_dir=")
+
+
 def run(cfg: DictConfig) -> str:
     """Train as ``cfg`` says; returns the run directory."""
     trainer = build(cfg)
@@ -136,6 +145,8 @@ def build(cfg: DictConfig) -> Trainer:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, seed=cfg.seed, base_save_dir=base_dir)
     train_data = tokenize_records(train_records, tokenizer, cfg.max_length, cfg.max_prompt_length)
     eval_data = tokenize_records(eval_records, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if checkpoint:
+        check_not_past_the_end(cfg, checkpoint[1], planned_steps(len(train_data), cfg))
     if processes.is_main:
         trainable, total = count_parameters(model)
         truncated = train_data.n_truncated + eval_data.n_truncated

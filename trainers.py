@@ -62,9 +62,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(train_data)} training records, fewer than batch_size={cfg.batch_size}")
-        self.total_steps = self.steps_per_epoch * cfg.n_epochs
-        if cfg.n_examples:
-            self.total_steps = min(self.total_steps, math.ceil(cfg.n_examples / cfg.batch_size))
+        self.total_steps = planned_steps(len(train_data), cfg)
         self.line_positions = LinePositions.of(model, tokenizer)
         if cfg.position_gaps and not self.line_positions:
             raise ValueError("position_gaps need line positions (the model's line_position_stride)")
@@ -88,6 +86,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id
         self.label_counts = train_data.label_counts()
         self.start_step, self._plan_epoch, self._plan = 0, None, None
+        self.resumed_from: str | None = None
         self.step = 0  # the step being taken: growing position gaps depend on it
         self.loss_denominator(np.arange(1)), self.lr_at(0)  # a misspelt option fails before any work
         if cfg.pack_records:
@@ -96,6 +95,9 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
         cfg, proc, step = self.cfg, self.processes, self.start_step
+        if step == self.total_steps and self.resumed_from and os.path.basename(self.resumed_from) == "final":
+            tqdm.write(f"{self.run_dir}: all {step} steps already trained; final/ is left as it is")
+            return
         bar = tqdm(total=self.total_steps, initial=step, desc="train", disable=not proc.is_main,
                    dynamic_ncols=True)
         if step == 0 and cfg.eval_at_start:
@@ -316,7 +318,13 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        self.start_step = int(state["step"])
+        self.start_step, self.resumed_from = int(state["step"]), checkpoint_dir
+
+
+def planned_steps(n_records: int, cfg) -> int:
+    """Optimizer steps of a run: ``n_epochs`` epochs, cut short by ``n_examples`` records if set."""
+    steps = steps_per_epoch(n_records, cfg.batch_size) * cfg.n_epochs
+    return min(steps, math.ceil(cfg.n_examples / cfg.batch_size)) if cfg.n_examples else steps
 
 
 def learning_rate(step: int, lr: float, total_steps: int, warmup_steps: int, schedule: str = "constant",

@@ -62,6 +62,11 @@ def build_parser(task_name: str | None) -> OneLineParser:
                                           "preset's, e.g. 1-8 or 1,3,5-7")
     parser.add_argument("--test-per-length", type=int, default=100,
                         help="held-out problems per training length (default 100)")
+    parser.add_argument("--max-problems", type=int, default=2_000_000,
+                        help="refuse a set of more training problems (default 2,000,000; the "
+                             "largest preset draws 304,000)")
+    parser.add_argument("--max-gb", type=float, default=20.0,
+                        help="refuse a training file estimated larger (default 20 GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -92,6 +97,9 @@ def main(argv: list[str] | None = None, task_name: str | None = None) -> int:
         lengths = parse_lengths(args.lengths) if args.lengths else None
     except ValueError as error:
         parser.error(str(error))
+    for flag, value in (("--max-problems", args.max_problems), ("--max-gb", args.max_gb)):
+        if not value > 0:
+            parser.error(f"{flag}: must be more than 0, got {value}")
     if args.test_per_length < 0:
         parser.error(f"--test-per-length: must be 0 or more, got {args.test_per_length}")
     try:
@@ -104,7 +112,8 @@ def main(argv: list[str] | None = None, task_name: str | None = None) -> int:
     for method in methods:
         try:
             meta = generate(task, method, args.preset, args.seed, args.out_dir, lengths,
-                            args.test_per_length, progress=not args.quiet)
+                            args.test_per_length, progress=not args.quiet,
+                            max_problems=args.max_problems, max_bytes=args.max_gb * 1e9)
         except ValueError as error:  # the task cannot sample these settings: nothing was written
             parser.error(f"{task.name} {method} {args.preset}: {error}")
         except OSError as error:

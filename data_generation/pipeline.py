@@ -38,6 +38,7 @@ sampling is the same for them; the Re-Tuning re-weighting has its own stream.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -228,6 +229,34 @@ def held_out_problems(task: Task, preset: str, seed: int, lengths: Iterable[int]
     return problems, in_training
 
 
+# --- size limits -----------------------------------------------------------------------------
+def lengths_note(lengths: list[int] | None) -> str:
+    return f" of lengths {lengths[0]}-{lengths[-1]}" if lengths else ""
+
+
+def draw_training_problems(task: Task, method: str, preset: str, seed: int,
+                           lengths: list[int] | None, max_problems: int | None) -> list:
+    """The preset's training problems, stopped one past ``max_problems``: the paper's DP preset
+    lists every list of each length, 11**n of them, which for ``--lengths 2-12`` would never end."""
+    drawn = task.training_problems(method, preset, stream(task, preset, seed, "train"), lengths)
+    problems = list(itertools.islice(drawn, None if max_problems is None else max_problems + 1))
+    if not problems:
+        raise ValueError(f"{task.name} {preset}: no training problems for lengths {lengths}")
+    if max_problems is not None and len(problems) > max_problems:
+        raise ValueError(f"more than {max_problems:,} training problems{lengths_note(lengths)}; "
+                         "draw fewer lengths or raise --max-problems")
+    return problems
+
+
+def estimated_train_bytes(task: Task, method: str, problems: list, samples: int = 50) -> float:
+    """About how large the training file grows: the records of ``samples`` problems spread evenly
+    over the draw, scaled to all of them (more than the file where Re-Tuning drops repeats)."""
+    picked = problems[::max(1, len(problems) // samples)]
+    size = sum(len(record_piece(record_input, output)) for problem in picked
+               for record_input, output in task.records(problem, method))
+    return size * len(problems) / len(picked)
+
+
 # --- one dataset -----------------------------------------------------------------------------
 def file_names(task: Task, method: str, preset: str) -> dict[str, str]:
     stem = f"{task.name}_{method}_{preset}"
@@ -236,12 +265,16 @@ def file_names(task: Task, method: str, preset: str) -> dict[str, str]:
 
 def generate(task: Task, method: str, preset: str, seed: int, out_dir: str,
              lengths: list[int] | None = None, test_per_length: int = 100,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, max_problems: int | None = None,
+             max_bytes: float | None = None) -> dict[str, Any]:
     """Write the three files of one dataset and return its meta. Raises ValueError (from the task)
-    for settings it cannot sample, before any file is opened."""
-    problems = list(task.training_problems(method, preset, stream(task, preset, seed, "train"), lengths))
-    if not problems:
-        raise ValueError(f"{task.name} {preset}: no training problems for lengths {lengths}")
+    for settings it cannot sample, and for a set over ``max_problems`` training problems or an
+    estimated ``max_bytes`` of training file, before any file is opened."""
+    problems = draw_training_problems(task, method, preset, seed, lengths, max_problems)
+    if max_bytes is not None and (size := estimated_train_bytes(task, method, problems)) > max_bytes:
+        raise ValueError(f"the training file would grow to about {size / 1e9:,.3g} GB "
+                         f"({len(problems):,} problems{lengths_note(lengths)}), over the limit of "
+                         f"{max_bytes / 1e9:,.3g} GB; draw shorter lengths or raise --max-gb")
     names = file_names(task, method, preset)
     paths = {split: os.path.join(out_dir, name) for split, name in names.items()}
     files: list[AtomicFile] = []

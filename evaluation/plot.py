@@ -70,11 +70,14 @@ def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: 
     axes.legend()
     figure.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_path.with_name(out_path.name + ".tmp")
-    figure.savefig(temporary, dpi=120, format=out_path.suffix.lstrip(".") or "png")
-    plt.close(figure)
-    os.replace(temporary, out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(temporary, dpi=120, format=out_path.suffix.lstrip(".") or "png")
+        os.replace(temporary, out_path)
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     tasks = {results.get("task") for results in all_results}
     if len(tasks) > 1:
         print(f"warning: overlaying different tasks: {', '.join(sorted(map(str, tasks)))}", file=sys.stderr)
-    plot_accuracy(all_results, args.out, args.labels, args.title)
+    try:
+        plot_accuracy(all_results, args.out, args.labels, args.title)
+    except (OSError, ValueError) as error:  # an unwritable folder, or a suffix matplotlib cannot write
+        parser.error(f"-o {args.out}: cannot write the image ({getattr(error, 'strerror', None) or error})")
     print(f"wrote {args.out}")
 
 

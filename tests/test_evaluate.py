@@ -223,3 +223,13 @@ def test_plot_overlays_several_results(tmp_path, capsys):
         plot.main(dirs + ["-o", str(image), "--labels", "only-one"])
     with pytest.raises(SystemExit, match="no results.json there"):
         plot.main([str(tmp_path / "nothing"), "-o", str(image)])
+
+    # An image that cannot be written is a one-line error; the figure already there stays whole.
+    drawn = image.read_bytes()
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    for bad in (tmp_path / "a_file" / "parity.png", image.with_suffix(".nosuchformat")):
+        with pytest.raises(SystemExit):
+            plot.main(dirs + ["-o", str(bad)])
+        assert f"-o {bad}: cannot write the image" in capsys.readouterr().err
+    assert image.read_bytes() == drawn and sorted(os.listdir(image.parent)) == ["parity.png"]

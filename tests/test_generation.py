@@ -158,7 +158,8 @@ def test_paper_baseline_has_304000_records(tmp_path):
 # --- bad arguments and interruptions -----------------------------------------------------------
 BAD = [(["--methods", "baseline,cot"], "cot"), (["--preset", "huge"], "huge"),
        (["--lengths", "0"], "--lengths"), (["--lengths", "5-2"], "--lengths"), (["--lengths", "x"], "--lengths"),
-       (["--seed", "abc"], "abc"), (["--test-per-length", "-1"], "-1"), (["--bogus"], "--bogus")]
+       (["--seed", "abc"], "abc"), (["--test-per-length", "-1"], "-1"), (["--bogus"], "--bogus"),
+       (["--max-problems", "0"], "--max-problems"), (["--max-gb", "-1"], "--max-gb")]
 
 
 @pytest.mark.parametrize("args,named", BAD)
@@ -170,6 +171,18 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, n
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err and named in err
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("task_name,args,named", [
+    ("dp", ["--preset", "paper", "--lengths", "2-12"], "more than 2,000,000 training problems of lengths 2-12"),
+    ("addition", ["--preset", "small", "--max-gb", "0.001"], "(6,400 problems), over the limit of 0.001 GB"),
+    ("dp", ["--preset", "small", "--lengths", "40", "--max-gb", "0.05"], "of lengths 40-40), over")])
+def test_a_set_too_large_is_refused_before_anything_is_written(tmp_path, capsys, task_name, args, named):
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--methods", "retuning", "--out-dir", str(tmp_path), "--quiet"], task_name)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and named in err, err
+    assert os.listdir(tmp_path) == []
 
 
 def test_bad_task_and_unwritable_out_dir_from_the_scripts(tmp_path):
@@ -206,7 +219,8 @@ def test_a_killed_script_leaves_no_temporaries(tmp_path):
     import signal
     import time
     child = subprocess.Popen([sys.executable, "data_generation/generate_addition.py", "--methods", "scratchpad",
-                              "--lengths", "1-40", "--quiet", "--out-dir", str(tmp_path)], cwd=ROOT)
+                              "--lengths", "1-40", "--max-problems", "100000000", "--quiet",
+                              "--out-dir", str(tmp_path)], cwd=ROOT)
     deadline = time.time() + 60
     while not any(name.endswith(".tmp") for name in os.listdir(tmp_path)) and time.time() < deadline:
         time.sleep(0.2)

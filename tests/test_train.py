@@ -414,6 +414,15 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dat
     steps = [json.loads(line)["step"] for line in open(f"{resumed}/metrics.jsonl") if "train/loss" in line]
     assert steps == [2, 4, 6, 8]  # nothing logged twice across the interruption
 
+    # Resuming a finished run leaves final/ as it is; asking for fewer steps than it took stops.
+    final_state = os.path.join(resumed, "final", "trainer_state.json")
+    written = os.stat(final_state).st_mtime_ns
+    assert run(config(tmp_path, dataset, *overrides, f"resume={resumed}")) == resumed
+    with pytest.raises(SettingError, match=r"has trained 8 steps, more than the 2 that n_examples=16"):
+        build(config(tmp_path, dataset, *overrides, "n_examples=16", f"resume={resumed}"))
+    assert os.stat(final_state).st_mtime_ns == written
+    assert_same_weights(weights(f"{whole}/final"), weights(f"{resumed}/final"), exact=True)
+
     different = run(config(tmp_path, dataset, *overrides, "seed=1", name="seed1"))
     with pytest.raises(AssertionError):
         assert_same_weights(weights(f"{whole}/final"), weights(f"{different}/final"), exact=True)
