@@ -179,10 +179,13 @@ def parse_carry_output(text: str) -> tuple[int, str]:
 
 def carry_output_value(text: str, length: int | None = None) -> int:
     """``"Carry c, Output s"`` means ``c * 10^L + int(s)`` for a problem of length L (SPEC
-    section 2), L = len(s) where no length is given: ``"Carry 1, Output 08"`` -> 108, and with
-    L = 2 ``"Carry 1, Output 098"`` -> 198."""
+    section 2): ``"Carry 1, Output 08"`` -> 108. Given the length, ``s`` must have that many
+    digits, the form the oracle writes (the original compared strings): with L = 2,
+    ``"Carry 1, Output 098"`` and ``"Carry 0, Output 198"`` are ValueErrors."""
     carry, digits = parse_carry_output(text)
-    return carry * 10 ** (len(digits) if length is None else length) + int(digits)
+    if length is not None and len(digits) != length:
+        raise ValueError(f"{text.strip()!r}: {len(digits)} output digits for a problem of {length}")
+    return carry * 10 ** len(digits) + int(digits)
 
 
 class AdditionTask(Task):
@@ -306,9 +309,14 @@ class AdditionTask(Task):
         return carry_output_value(text, length)
 
     def answer_for(self, problem: Problem, final_text: str, method: str) -> int:
-        """SPEC: ``"Carry c, Output s"`` is ``c * 10^L + int(s)``, L the problem's length:
-        for ``("99", "99")``, ``"Carry 1, Output 098"`` -> 198."""
-        return self.parse_answer(final_text, method, self.length(problem))
+        """The value of an answer in the form the oracle writes for ``problem`` (the original
+        compared strings), ValueError for any other form: for ``("99", "99")``, ``"Carry 1,
+        Output 98"`` -> 198, ``"Carry 1, Output 098"`` -> ValueError; baseline ``"198"`` ->
+        198, ``"0198"`` -> ValueError."""
+        value = self.parse_answer(final_text, method, self.length(problem))
+        if method == "baseline" and final_text.strip() != str(value):
+            raise ValueError(f"{final_text.strip()!r}: a leading zero")
+        return value
 
     # --- bulk Re-Tuning rendering (paper scale) -------------------------------------------------
     def fast_retuning(self, preset: str, rng: random.Random,

@@ -242,5 +242,15 @@ class ParityTask(Task):
             raise ValueError(f"not a parity answer (0 or 1): {text!r}")
         return int(answer)
 
+    def answer_for(self, problem: Bits, final_text: str, method: str) -> int:
+        """A scratchpad must write one running parity per bit, as the oracle does: for
+        ``(1, 0, 1, 1)``, ``"Compute one element at a time. 1 1 0 1"`` -> 1, and the cut-short
+        ``"Compute one element at a time. 1"`` -> ValueError (its last value is no answer)."""
+        value = self.parse_answer(final_text, method)
+        written = len(final_text.split()) - len(SCRATCHPAD_NOTE.split())
+        if method == "scratchpad" and written != len(problem):
+            raise ValueError(f"{written} running parities for a list of {len(problem)} bits")
+        return value
+
 
 TASK = register(ParityTask())

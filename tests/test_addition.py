@@ -43,10 +43,17 @@ def test_answer_parsing():
                 TASK.parse_answer(text, method)
     assert TASK.is_correct(("07", "58"), "65", "baseline")
     assert not TASK.is_correct(("07", "58"), "Carry 0, Output 64", "retuning")
-    # SPEC: "Carry c, Output s" is c * 10^L + int(s) with L the problem's length, whatever len(s).
-    assert TASK.answer_for(("99", "99"), "Carry 1, Output 098", "retuning") == 198
-    assert TASK.is_correct(("99", "99"), "Carry 1, Output 098", "retuning")
-    assert not TASK.is_correct(("99", "99"), "Carry 1, Output 0198", "scratchpad")  # 100 + 198
+    # SPEC: "Carry c, Output s" is c * 10^L + int(s), L the problem's length; as in the original's
+    # string comparison, an answer of the right value in another form is wrong.
+    assert TASK.answer_for(("99", "99"), "Carry 1, Output 98", "retuning") == 198
+    assert TASK.is_correct(("99", "99"), "Carry 1, Output 98", "retuning")
+    assert TASK.is_correct(("99", "99"), "Carry 1, Output 98", "scratchpad")
+    for problem, text, method in [(("99", "99"), "Carry 1, Output 098", "retuning"),
+                                  (("50", "50"), "Carry 1, Output 0", "retuning"),
+                                  (("50", "50"), "Carry 0, Output 100", "scratchpad"),
+                                  (("50", "50"), "0100", "baseline")]:
+        assert not TASK.is_correct(problem, text, method), text
+    assert TASK.is_correct(("50", "50"), "100", "baseline") and TASK.is_correct(("00", "00"), "0", "baseline")
 
 
 # --- every record against an independent computation --------------------------------------------

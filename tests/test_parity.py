@@ -104,6 +104,10 @@ def test_parse_answer_forms_and_errors():
                          ("Compute one element at a time. 1 x", "scratchpad")]:
         with pytest.raises(ValueError):
             task.parse_answer(text, method)
+    # A scratchpad is scored on its last value only when it wrote one per bit.
+    assert task.is_correct((1, 0, 1, 1), "Compute one element at a time. 1 1 0 1", "scratchpad")
+    for cut_short in ("Compute one element at a time. 1", "Compute one element at a time. 1 1 0 1 1"):
+        assert not task.is_correct((1, 0, 1, 1), cut_short, "scratchpad")
 
 
 def test_sample_is_seeded_and_uniform_bits():
