@@ -247,9 +247,10 @@ class ParityTask(Task):
         ``(1, 0, 1, 1)``, ``"Compute one element at a time. 1 1 0 1"`` -> 1, and the cut-short
         ``"Compute one element at a time. 1"`` -> ValueError (its last value is no answer)."""
         value = self.parse_answer(final_text, method)
-        written = len(final_text.split()) - len(SCRATCHPAD_NOTE.split())
-        if method == "scratchpad" and written != len(problem):
-            raise ValueError(f"{written} running parities for a list of {len(problem)} bits")
+        if method == "scratchpad":
+            written = len(final_text.split()) - len(SCRATCHPAD_NOTE.split())
+            if written != len(problem):
+                raise ValueError(f"{written} running parities for a list of {len(problem)} bits")
         return value
 
 
