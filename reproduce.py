@@ -15,11 +15,14 @@ checkpoint). Trainings and evaluations run as child processes (``train.py`` and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +35,7 @@ from evaluation.cli import EVAL_DEVICES, EVAL_DTYPES, parse_lengths
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, task_names
 from tasks.base import METHODS
+from train import config_differences
 from utils import atomic_write_json, atomic_write_text
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -94,19 +98,38 @@ def training_budget(settings: DictConfig, meta: dict, accumulation: int = 1) -> 
     return {"batch_size": batch_size, "n_examples": batch_size * settings.train_steps}
 
 
-def run_child(args: list[str], log_path: str | None, threads: int) -> float:
+RUNNING: set[subprocess.Popen] = set()  # children to stop when this run is interrupted
+STOPPING = threading.Event()             # set once interrupted: no child starts after it
+
+
+def stop_children() -> None:
+    """SIGTERM to every running child: an interrupted reproduce.py leaves no training or
+    evaluation running on its own, to write into directories a later run reads."""
+    STOPPING.set()
+    for child in list(RUNNING):
+        if child.poll() is None:
+            child.terminate()
+
+
+def run_child(args: list[str], log_path: str | None, threads: int, usage: dict | None = None) -> float:
     """Run a child process to its end, its output going to ``log_path`` (None: this console), with
-    ``threads`` CPU threads; returns its peak resident memory in MB. A failure stops the whole
-    run with the end of the child's log."""
+    ``threads`` CPU threads; returns its peak resident memory in MB (also put in ``usage``, as
+    ``peak_rss_mb``, however the child ends). A failure stops the whole run with the end of the
+    child's log."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    log = open(log_path, "w") if log_path else None
-    try:
+    if STOPPING.is_set():
+        raise SystemExit("interrupted")
+    with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-    finally:
-        if log:
-            log.close()
-    code = os.waitstatus_to_exitcode(status)
+        RUNNING.add(child)
+        try:
+            _, status, rusage = os.wait4(child.pid, 0)
+            child.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        finally:
+            RUNNING.discard(child)
+    peak_mb = rusage.ru_maxrss / 1024  # KiB on Linux
+    if usage is not None:
+        usage["peak_rss_mb"] = peak_mb
     if code != 0:
         tail = ""
         if log_path:
@@ -114,7 +137,7 @@ def run_child(args: list[str], log_path: str | None, threads: int) -> float:
                 tail = "".join(handle.readlines()[-15:])
         raise SystemExit(f"{tail}error: {' '.join(args[1:3])} ... failed (exit {code})"
                          + (f"; whole output in {log_path}" if log_path else ""))
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    return peak_mb
 
 
 def override_value(value, inside: bool = False) -> str:
@@ -164,22 +187,45 @@ def train(cfg: DictConfig, run_dir: str, train_path: str, meta: dict, overrides:
     settings_path = os.path.join(run_dir, "reproduce_args.json")
     recorded = {"train": args, "data": meta}
     command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args]
+    stats_path = os.path.join(run_dir, STATS_FILE)
+    stats = {"train_wall_s": 0.0, "peak_rss_mb": 0.0}
     if os.path.isdir(run_dir):
-        difference = settings_difference(settings_path, recorded)
+        difference = settings_difference(settings_path, recorded) or config_file_difference(run_dir, command)
         if difference:
             raise SystemExit(f"error: {run_dir} holds a training with other settings ({difference}); "
                              "remove it, or set runs_dir= to train elsewhere")
         if os.path.exists(os.path.join(run_dir, "final")):
             return recorded
         command.append(f"resume={run_dir}")
+        if os.path.exists(stats_path):  # the stretches trained before the interruption
+            with open(stats_path) as handle:
+                stats = json.load(handle)
+        else:
+            stats["unrecorded_stretch"] = True  # this run's parent was killed outright
     else:
         os.makedirs(run_dir)
         atomic_write_json(settings_path, recorded)
     tqdm.write(" ".join(command[1:]))
-    start = time.time()
-    peak_mb = run_child(command, log_path, threads)
-    atomic_write_json(os.path.join(run_dir, STATS_FILE), {"train_wall_s": time.time() - start, "peak_rss_mb": peak_mb})
+    start, usage = time.time(), {}
+    try:
+        run_child(command, log_path, threads, usage)
+    finally:  # interrupted too, so that a resumed training's time and memory cover every stretch
+        stats["train_wall_s"] += time.time() - start
+        stats["peak_rss_mb"] = max(stats["peak_rss_mb"], usage.get("peak_rss_mb", 0.0))
+        atomic_write_json(stats_path, stats)
     return recorded
+
+
+def config_file_difference(run_dir: str, command: list[str]) -> str | None:
+    """How the config ``train.py`` resolves for ``command`` now (config/config.yaml and
+    config/model/*.yaml as they are) differs from the one the run in ``run_dir`` was trained
+    with, e.g. ``"lr=0.001, not 0.005"``; None where they agree or the run saved none yet."""
+    saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved):
+        return None
+    resolved = subprocess.run([*command, "--cfg", "job", "--resolve"], capture_output=True, text=True, check=True)
+    changed = config_differences(OmegaConf.load(saved), OmegaConf.create(resolved.stdout))
+    return "; ".join(changed) or None
 
 
 def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir: str,
@@ -197,11 +243,22 @@ def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir
             args += [flag, str(value)]
     settings_path = os.path.join(out_dir, "reproduce_args.json")
     recorded = {**training, "evaluate": args}
-    if not os.path.exists(results_path) or settings_difference(settings_path, recorded):
+    if (not os.path.exists(results_path) or settings_difference(settings_path, recorded)
+            or not results_answer(load_results(results_path), method, run_dir, cfg.seed, settings)):
         script = os.path.join(REPO_ROOT, "evaluation", f"evaluate_{task_name}.py")
         run_child([sys.executable, script, *args, "--out", out_dir], log_path, threads)
         atomic_write_json(settings_path, recorded)
     return load_results(results_path)
+
+
+def results_answer(results: dict, method: str, run_dir: str, seed: int, settings: DictConfig) -> bool:
+    """Whether a results.json holds the evaluation asked for, by what it says of itself (so that
+    results another run left behind are never taken for this one's)."""
+    asked = results.get("settings", {})
+    return (results.get("method") == method and asked.get("seed") == seed
+            and os.path.abspath(asked.get("run_dir", "")) == os.path.abspath(run_dir)
+            and (settings.eval_samples is None or asked.get("samples") == settings.eval_samples)
+            and (settings.eval_lengths is None or asked.get("lengths") == parse_lengths(settings.eval_lengths)))
 
 
 def training_cost(run_dir: str) -> dict:
@@ -231,6 +288,18 @@ def mean_accuracy(results: dict, keep) -> float | None:
     return sum(row["correct"] for row in rows) / problems if problems else None
 
 
+def training_time(cost: dict) -> str:
+    """``"7.3 min"``; ``"> 7.3 min"`` where a stretch of the training went unrecorded (its
+    reproduce.py was killed outright), ``"-"`` where none was recorded."""
+    if "train_wall_s" not in cost:
+        return "-"
+    return f"{'> ' if cost.get('unrecorded_stretch') else ''}{cost['train_wall_s'] / 60:.1f} min"
+
+
+def peak_memory(cost: dict) -> str:
+    return f"{cost['peak_rss_mb']:,.0f} MB" if cost.get("peak_rss_mb") else "-"
+
+
 def gpu_memory(cost: dict) -> str:
     """``"30.1 GiB GPU, "`` for a run trained on a GPU, else nothing."""
     return f"{cost['peak_gpu_gb']:.1f} GiB GPU, " if "peak_gpu_gb" in cost else ""
@@ -253,7 +322,10 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
         return "-" if value is None else f"{100 * value:.1f}%"
 
     beyond_label = f"beyond ({beyond[0]}-{beyond[-1]})" if beyond else "beyond"
+    asked = next(iter(results.values()))["settings"]
     lines = [f"# {task_name}: {model} model, {preset} preset", "",
+             f"Seed {asked.get('seed')}; evaluated on lengths {evaluated[0]}-{evaluated[-1]}, "
+             f"{asked.get('samples')} problems per length.", "",
              f"| method | trained lengths {low}-{high} | {beyond_label} | at {far or '-'} "
              f"| records trained | tokens trained | tokens/record | training time | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -265,8 +337,7 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
             f"| {percent(mean_accuracy(result, lambda n: n > high))} "
             f"| {percent(mean_accuracy(result, lambda n: n == far))} "
             f"| {cost['records']:,} | {cost['tokens']:,} | {cost['tokens_per_record']:.1f} "
-            f"| {cost.get('train_wall_s', float('nan')) / 60:.1f} min "
-            f"| {gpu_memory(cost)}{cost.get('peak_rss_mb', float('nan')):,.0f} MB |")
+            f"| {training_time(cost)} | {gpu_memory(cost)}{peak_memory(cost)} |")
     lines += ["", "Accuracy is the share of problems whose final answer is right, pooled over the lengths "
               "of each column; tokens trained = records trained x mean tokens per record of the data. "
               "Peak memory is the training process's peak resident set size (MB), after its peak GPU "
@@ -330,6 +401,15 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
 
 @hydra.main(config_path="config/reproduce", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    # A kill (SIGTERM) unwinds as Ctrl-C does, stopping the children; rerunning picks up.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        reproduce(cfg)
+    except KeyboardInterrupt:
+        sys.exit("reproduce.py: interrupted; run the same command again to pick up where it stopped")
+
+
+def reproduce(cfg: DictConfig) -> None:
     names = task_names() if cfg.task == "all" else [cfg.task]
     for name in names:  # bad names: a one-line error before any work
         try:
@@ -353,12 +433,18 @@ def main(cfg: DictConfig) -> None:
             train_paths[method] = make_data(cfg, name, method, preset, settings)
             steps.update()
         steps.set_postfix_str(f"{name}: training and evaluating {jobs} at a time")
-        with ThreadPoolExecutor(jobs) as pool:
+        pool = ThreadPoolExecutor(jobs)
+        try:
             # Last listed, first started: Re-Tuning, by default, trains longest (its records pad
             # most), and the two shorter trainings then share the other core one after the other.
             futures = {method: pool.submit(train_and_evaluate, cfg, name, method, preset, settings,
                                            train_paths[method], jobs, steps) for method in reversed(cfg.methods)}
             outcomes = {method: futures[method].result() for method in cfg.methods}
+        except BaseException:  # Ctrl-C, a kill or a failed child: stop the others, start no more
+            stop_children()
+            raise
+        finally:
+            pool.shutdown(cancel_futures=True)
         results = {method: outcome[0] for method, outcome in outcomes.items()}
         costs = {method: outcome[1] for method, outcome in outcomes.items()}
         out = os.path.join(cfg.results_dir, name)

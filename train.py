@@ -75,21 +75,40 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
                            f"{cfg.gradient_accumulation_steps} x {world_size} processes")
 
 
+# What a resumed run may change: how far it trains, how it logs, evaluates and checkpoints, and
+# where it runs. Any other setting would continue the run as another one under its name.
+RESUMABLE_SETTINGS = {"exp_name", "run_dir", "resume", "n_examples", "n_epochs", "n_eval_examples",
+                      "eval_every", "save_every", "keep_checkpoints", "eval_at_start", "eval_batch_size",
+                      "log_every", "tensorboard", "wandb", "device", "num_threads"}
+
+
+def config_differences(saved: DictConfig, now: DictConfig) -> list[str]:
+    """The settings outside ``RESUMABLE_SETTINGS`` in which a run's saved config and ``now``
+    differ, e.g. ``["lr=0.001, not 0.005"]``. A key only one of them has (a setting added to the
+    code since) is no difference."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {key: value for name, child in node.items() for key, value in flat(child, f"{prefix}{name}.").items()}
+        return {prefix[:-1]: node}
+    before, after = (flat(OmegaConf.to_container(c, resolve=True)) for c in (saved, now))
+    return [f"{key}={before[key]}, not {after[key]}" for key in sorted(before.keys() & after.keys())
+            if key.split(".")[0] not in RESUMABLE_SETTINGS and before[key] != after[key]]
+
+
 def check_resumable(cfg: DictConfig) -> None:
-    """``resume=`` must name a run directory, of a run on the same data and model: a mistyped
-    path would otherwise train from scratch, other data would continue a run under its name."""
+    """``resume=`` must name a run directory, of a run with the same settings (data, model,
+    optimizer, ...): a mistyped path would otherwise train from scratch, and other settings would
+    continue a run under its name as another one."""
     if not os.path.isdir(cfg.resume):
         raise SettingError(f"resume={cfg.resume}: no such run directory (run_dir= starts a new run)")
     saved_path = os.path.join(cfg.resume, "config.yaml")
     if not os.path.isfile(saved_path):
         return  # stopped before its first record was read: nothing to differ from
-    saved = OmegaConf.load(saved_path)
-    for key in ("datasets", "model.name"):
-        before, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        before, now = (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (before, now))
-        if before != now:
-            raise SettingError(f"resume={cfg.resume} trained {key}={before}, not {now}: "
-                               "resume with the same, or start a new run with run_dir=")
+    changed = config_differences(OmegaConf.load(saved_path), cfg)
+    if changed:
+        raise SettingError(f"resume={cfg.resume} trained {'; '.join(changed[:3])}"
+                           f"{'; ...' if len(changed) > 3 else ''}: resume with the same, or start a new "
+                           "run with run_dir=")
 
 
 def check_not_past_the_end(cfg: DictConfig, state: dict, planned: int) -> None:

@@ -107,6 +107,51 @@ def test_a_rerun_with_other_settings_redoes_or_refuses_what_they_change_and_keep
     assert "addition_retuning_small_tiny_seed0 holds a training with other settings (data: " in refused.stderr
     assert model.stat().st_mtime_ns == trained_at
 
+    # Results that do not say they are this evaluation (left by another run) are redone.
+    evaluated["settings"]["samples"] = 5
+    results.write_text(json.dumps(evaluated))
+    run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
+    assert json.loads(results.read_text())["settings"]["samples"] == 3
+
+    # An edit of config/config.yaml or config/model/tiny.yaml since the training (here the other
+    # way round: the run's saved config changed) is refused too, naming the setting.
+    saved = tmp_path / "runs" / "addition_retuning_small_tiny_seed0" / "config.yaml"
+    saved.write_text(saved.read_text().replace("\nlr: 0.001\n", "\nlr: 0.002\n"))
+    refused = run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3", check=False)
+    assert refused.returncode != 0 and "(lr=0.002, not 0.001)" in refused.stderr
+    assert model.stat().st_mtime_ns == trained_at
+
+
+def test_a_killed_reproduction_stops_its_children_and_a_rerun_finishes_it(tmp_path):
+    import signal
+    import time
+    longer = [arg.replace("'n_examples=64'", "'n_examples=20000'").replace("'eval_every=32'", "'eval_every=512'")
+              for arg in TOY]
+    args = [sys.executable, os.path.join(REPO, "reproduce.py"), f"data_dir={tmp_path}/data",
+            f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", *longer, "methods=[retuning]"]
+    run_dir = tmp_path / "runs" / "addition_retuning_small_tiny_seed0"
+    parent = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(run_dir.glob("step-*")) and time.time() < deadline:  # training, a checkpoint written
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path).encode() in
+                open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert children == [] and not (run_dir / "final").exists()
+    stretch = json.loads((run_dir / "reproduce_stats.json").read_text())["train_wall_s"]
+    assert stretch > 0
+
+    finished = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resume={run_dir}" in finished.stdout + finished.stderr
+    total = json.loads((run_dir / "reproduce_stats.json").read_text())["train_wall_s"]
+    assert total > stretch  # the training time covers both stretches
+    row = next(line for line in (tmp_path / "results" / "addition" / "summary.md").read_text().splitlines()
+               if line.startswith("| Re-Tuning"))
+    assert row.split("|")[8].strip() == f"{total / 60:.1f} min"
+
 
 def test_every_training_override_in_the_reproduce_config_lands_in_the_training_config():
     # A misspelt key here would fail only deep inside a reproduction, as a child's Hydra error.

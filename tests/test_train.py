@@ -404,6 +404,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dat
     other_data = write_dataset(tmp_path, "addition_baseline_other", addition_records(random.Random(5), [1, 2], 8))
     with pytest.raises(SettingError, match=r"trained datasets=\[.*addition_retuning_test.*\], not \[.*addition_baseline_other"):
         build(config(tmp_path, other_data, *overrides, f"resume={tmp_path / 'killed'}"))
+    with pytest.raises(SettingError, match=r"trained lr=0.001, not 0.005; model.llama_config.hidden_size=32, not 48"):
+        build(config(tmp_path, dataset, *overrides, "lr=0.005", "model.llama_config.hidden_size=48",
+                     f"resume={tmp_path / 'killed'}"))
     with pytest.raises(SettingError, match="killd: no such run directory"):
         build(config(tmp_path, dataset, *overrides, f"resume={tmp_path / 'killd'}"))
     assert not os.path.exists(tmp_path / "killd")
