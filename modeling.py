@@ -202,6 +202,10 @@ def resolve_base_model(checkpoint_dir: str) -> str:
     beside = os.path.normpath(os.path.join(checkpoint_dir, base))
     if not os.path.isabs(base) and os.path.isdir(beside):
         return beside
+    if base.startswith("."):  # meant beside the checkpoint, but the run directory is not there
+        raise FileNotFoundError(f"{checkpoint_dir}: the LoRA adapter's base model {base!r} is not at {beside} "
+                                "(copy the run directory whole, or set base_model_name_or_path in "
+                                "adapter_config.json)")
     return base
 
 

@@ -190,7 +190,10 @@ def model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: int
     device = str(pick_device(device))
     dtype = pick_dtype(dtype, device)
     torch.manual_seed(seed)
-    model, tokenizer = load_checkpoint(str(checkpoint_dir), dtype=dtype, merge_lora=True)
+    try:
+        model, tokenizer = load_checkpoint(str(checkpoint_dir), dtype=dtype, merge_lora=True)
+    except FileNotFoundError as error:  # a LoRA checkpoint copied without its base beside it
+        raise SystemExit(f"error: {error}") from None
     model.to(device)
     info.update(device=device, dtype=dtype)
     if sequential:

@@ -1,6 +1,7 @@
 """End-to-end trainer behaviour on a very small Llama (CPU, a handful of steps per run)."""
 import json
 import os
+import shutil
 import random
 import re
 import subprocess
@@ -443,6 +444,10 @@ def test_lora_run_saves_an_adapter_with_its_base_beside_it(tmp_path, dataset):
     ids = torch.tensor([tokenizer("12 + 34\nSolution: ")["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base(ids).logits)  # the adapter was trained
+    # Copied out of its run directory, the adapter says where its base should be.
+    alone = shutil.copytree(final, tmp_path / "copied" / "final")
+    with pytest.raises(FileNotFoundError, match=r"base model '../base_model' is not at .*copied/base_model"):
+        load_checkpoint(str(alone))
 
 
 def test_learning_rate_schedules():
