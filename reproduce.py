@@ -223,7 +223,9 @@ def config_file_difference(run_dir: str, command: list[str]) -> str | None:
     saved = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(saved):
         return None
-    resolved = subprocess.run([*command, "--cfg", "job", "--resolve"], capture_output=True, text=True, check=True)
+    resolved = subprocess.run([*command, "--cfg", "job", "--resolve"], capture_output=True, text=True)
+    if resolved.returncode != 0:
+        raise SystemExit(f"{resolved.stderr[-2000:]}error: train.py cannot resolve the config for {run_dir}")
     changed = config_differences(OmegaConf.load(saved), OmegaConf.create(resolved.stdout))
     return "; ".join(changed) or None
 
