@@ -117,6 +117,20 @@ def read_run_metadata(run_dir: Path | None, task_name: str) -> dict:
 
 
 # --- running --------------------------------------------------------------------------------
+def warn_where_limits_stop_the_oracle(task, method: str, lengths: list[int], seed: int, rules: LimitRules) -> None:
+    """A warning on stderr where the limits stop even a perfect model at the longest length (DP's
+    fixed depth of 35, SPEC's, cuts every list of 36 items or more), so that its 0% there is not
+    read as the model's."""
+    from evaluation.backends import OracleBackend
+    longest = max(lengths)
+    result = evaluate(OracleBackend(task, method), task, method, [longest], 1, seed, rules, progress=False)
+    stopped = result["lengths"][str(longest)]["failures"]
+    if stopped:
+        print(f"warning: at length {longest} the limits stop even the task's oracle ({', '.join(stopped)}); "
+              "every problem that long counts as wrong: raise --max-depth / --max-calls / "
+              "--max-new-tokens or evaluate shorter lengths", file=sys.stderr)
+
+
 def pick_dtype(dtype: str, device: str) -> str:
     """``auto``: float16 on a GPU (as the paper evaluated), float32 on a CPU."""
     if dtype == "auto":
@@ -165,6 +179,7 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
     rules = LimitRules(**{**config["limits"], **{k: v for k, v in (limits or {}).items() if v is not None}})
     batch_size = int(batch_size or config.get("batch_size", 64))
 
+    warn_where_limits_stop_the_oracle(task, method, lengths, seed, rules)
     if oracle:
         from evaluation.backends import OracleBackend
         backend = OracleBackend(task, method)

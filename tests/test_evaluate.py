@@ -233,3 +233,16 @@ def test_plot_overlays_several_results(tmp_path, capsys):
             plot.main(dirs + ["-o", str(bad)])
         assert f"-o {bad}: cannot write the image" in capsys.readouterr().err
     assert image.read_bytes() == drawn and sorted(os.listdir(image.parent)) == ["parity.png"]
+
+
+def test_a_warning_where_the_limits_stop_even_the_oracle(tmp_path, capsys):
+    # SPEC's fixed depth of 35 for DP: no model can solve a list of 36 items under it.
+    cli.main("dp", ["--oracle", "--method", "retuning", "--lengths", "35", "--samples", "1",
+                    "--out", str(tmp_path / "a"), "--quiet"])
+    assert "warning" not in capsys.readouterr().err
+    cli.main("dp", ["--oracle", "--method", "retuning", "--lengths", "34-36", "--samples", "1",
+                    "--out", str(tmp_path / "b"), "--quiet"])
+    assert "warning: at length 36 the limits stop even the task's oracle (max_depth)" in capsys.readouterr().err
+    cli.main("dp", ["--oracle", "--method", "retuning", "--lengths", "36", "--samples", "1", "--max-depth", "40",
+                    "--out", str(tmp_path / "c"), "--quiet"])
+    assert "warning" not in capsys.readouterr().err
