@@ -111,11 +111,10 @@ def stop_children() -> None:
             child.terminate()
 
 
-def run_child(args: list[str], log_path: str | None, threads: int, usage: dict | None = None) -> float:
+def run_child(args: list[str], log_path: str | None, threads: int, usage: dict | None = None) -> None:
     """Run a child process to its end, its output going to ``log_path`` (None: this console), with
-    ``threads`` CPU threads; returns its peak resident memory in MB (also put in ``usage``, as
-    ``peak_rss_mb``, however the child ends). A failure stops the whole run with the end of the
-    child's log."""
+    ``threads`` CPU threads; its peak resident memory in MB goes to ``usage["peak_rss_mb"]``
+    however the child ends. A failure stops the whole run with the end of the child's log."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if STOPPING.is_set():
         raise SystemExit("interrupted")
@@ -127,9 +126,8 @@ def run_child(args: list[str], log_path: str | None, threads: int, usage: dict |
             child.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         finally:
             RUNNING.discard(child)
-    peak_mb = rusage.ru_maxrss / 1024  # KiB on Linux
     if usage is not None:
-        usage["peak_rss_mb"] = peak_mb
+        usage["peak_rss_mb"] = rusage.ru_maxrss / 1024  # KiB on Linux
     if code != 0:
         tail = ""
         if log_path:
@@ -137,7 +135,6 @@ def run_child(args: list[str], log_path: str | None, threads: int, usage: dict |
                 tail = "".join(handle.readlines()[-15:])
         raise SystemExit(f"{tail}error: {' '.join(args[1:3])} ... failed (exit {code})"
                          + (f"; whole output in {log_path}" if log_path else ""))
-    return peak_mb
 
 
 def override_value(value, inside: bool = False) -> str:
