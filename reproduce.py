@@ -242,12 +242,14 @@ def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir
             args += [flag, str(value)]
     settings_path = os.path.join(out_dir, "reproduce_args.json")
     recorded = {**training, "evaluate": args}
-    if (not os.path.exists(results_path) or settings_difference(settings_path, recorded)
-            or not results_answer(load_results(results_path), method, run_dir, cfg.seed, settings)):
+    results = load_results(results_path) if os.path.exists(results_path) else None
+    if (results is None or settings_difference(settings_path, recorded)
+            or not results_answer(results, method, run_dir, cfg.seed, settings)):
         script = os.path.join(REPO_ROOT, "evaluation", f"evaluate_{task_name}.py")
         run_child([sys.executable, script, *args, "--out", out_dir], log_path, threads)
         atomic_write_json(settings_path, recorded)
-    return load_results(results_path)
+        results = load_results(results_path)
+    return results
 
 
 def results_answer(results: dict, method: str, run_dir: str, seed: int, settings: DictConfig) -> bool:
