@@ -61,7 +61,8 @@ class Task:
 
     def answer_for(self, problem: Any, final_text: str, method: str) -> Any:
         """The answer value of a final text written for ``problem``: ``parse_answer``'s, unless
-        the text's meaning depends on the problem (addition's ``Carry c`` counts 10^L)."""
+        the text's meaning or its right form depends on the problem (addition's ``Carry c`` counts
+        10^L; a parity scratchpad writes one value per bit)."""
         return self.parse_answer(final_text, method)
 
     def is_correct(self, problem: Any, final_text: str, method: str) -> bool:
