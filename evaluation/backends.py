@@ -77,7 +77,8 @@ class Backend:
 
 class CallableBackend(Backend):
     """Completes each context with ``complete(context)``, which returns the text, or a pair
-    ``(text, hit_eos)``. Text beyond ``max_new_tokens`` characters is cut and counts as no EOS."""
+    ``(text, hit_eos)``. One character is one token and EOS one more, as for the tiny model: a
+    text that with its EOS runs past ``max_new_tokens`` is cut there and counts as no EOS."""
 
     def __init__(self, complete: Callable[[str], str | tuple[str, bool]]):
         self.complete = complete
@@ -87,7 +88,7 @@ class CallableBackend(Backend):
         for request in requests:
             answer = self.complete(request.context)
             text, hit_eos = answer if isinstance(answer, tuple) else (answer, True)
-            if len(text) > request.max_new_tokens:
+            if len(text) + int(hit_eos) > request.max_new_tokens:
                 text, hit_eos = text[:request.max_new_tokens], False
             completions.append(Completion(text, len(text) + int(hit_eos), hit_eos,
                                           len(request.context), len(request.context)))
@@ -121,7 +122,9 @@ def completion_text(tokenizer, new_ids: list[int]) -> str:
     continuation of the prompt would keep it (``" Call: 7 + 3\\n"``) and put a context together
     that no training record holds.
     """
-    return tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    # Special tokens stay in the text (EOS is taken off before): a model that writes ``<unk>``
+    # is read, fed back and scored as it wrote it.
+    return tokenizer.decode(new_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 @dataclass

@@ -171,7 +171,7 @@ _ANSWER = re.compile(re.escape(ANSWER_FORMAT).replace(re.escape("{carry}"), "([0
 
 def parse_carry_output(text: str) -> tuple[int, str]:
     """``"Carry 1, Output 08"`` -> ``(1, "08")``; ValueError for anything else."""
-    match = _ANSWER.fullmatch(text.strip())
+    match = _ANSWER.fullmatch(text)
     if match is None:
         raise ValueError(f"not a 'Carry c, Output s' answer: {text!r}")
     return int(match.group(1)), match.group(2)
@@ -184,7 +184,7 @@ def carry_output_value(text: str, length: int | None = None) -> int:
     ``"Carry 1, Output 098"`` and ``"Carry 0, Output 198"`` are ValueErrors."""
     carry, digits = parse_carry_output(text)
     if length is not None and len(digits) != length:
-        raise ValueError(f"{text.strip()!r}: {len(digits)} output digits for a problem of {length}")
+        raise ValueError(f"{text!r}: {len(digits)} output digits for a problem of {length}")
     return carry * 10 ** len(digits) + int(digits)
 
 
@@ -297,11 +297,11 @@ class AdditionTask(Task):
         ``"Carry 1, Output 08"`` -> 108 (``c * 10^length``, by default ``10^len(s)``).
         ValueError for anything else."""
         if method == "baseline":
-            if not _DIGITS.fullmatch(text.strip()):
+            if not _DIGITS.fullmatch(text):
                 raise ValueError(f"not a number: {text!r}")
-            return int(text.strip())
+            return int(text)
         if method == "scratchpad":
-            text = text.strip().rsplit("\n", 1)[-1]
+            text = text.rsplit("\n", 1)[-1]
         elif method == "retuning":
             text = protocol.read_answer(text)
         else:
@@ -314,8 +314,8 @@ class AdditionTask(Task):
         Output 98"`` -> 198, ``"Carry 1, Output 098"`` -> ValueError; baseline ``"198"`` ->
         198, ``"0198"`` -> ValueError."""
         value = self.parse_answer(final_text, method, self.length(problem))
-        if method == "baseline" and final_text.strip() != str(value):
-            raise ValueError(f"{final_text.strip()!r}: a leading zero")
+        if method == "baseline" and final_text != str(value):
+            raise ValueError(f"{final_text!r}: a leading zero")
         return value
 
     # --- bulk Re-Tuning rendering (paper scale) -------------------------------------------------

@@ -391,20 +391,21 @@ class DPTask(Task):
 
     # --- answers ------------------------------------------------------------------------------
     def parse_answer(self, text: str, method: str) -> list[int]:
-        """The choice list: ``"[1, 2, 1]"`` (baseline; Re-Tuning, whose ``Answer: `` line is read as
-        the protocol does) or the scratchpad's ``"Reconstructing all together, output=[2, 1]."``."""
+        """The choice list, written as the oracle writes it (the original compared strings):
+        ``"[1, 2, 1]"`` (baseline; Re-Tuning, whose ``Answer: `` line is read as the protocol
+        does) or the scratchpad's last line ``"Reconstructing all together, output=[2, 1]."``.
+        ValueError for any other form: ``"[1,2, 1]"``, ``"[1, 2, 1] "``."""
         if method == "scratchpad":
-            prefix = FINAL_LINE.partition("{answer}")[0]
+            prefix, _, suffix = FINAL_LINE.partition("{answer}")
             at = text.rfind(prefix)
-            if at < 0:
-                raise ValueError(f"no {prefix!r} line in dp scratchpad: {text[-80:]!r}")
-            listed = text[at + len(prefix):]
-            listed = listed[:listed.find("]") + 1]
+            if at < 0 or not text.endswith(suffix):
+                raise ValueError(f"no {FINAL_LINE!r} line ending a dp scratchpad: {text[-80:]!r}")
+            listed = text[at + len(prefix):len(text) - len(suffix)]
         else:
-            listed = protocol.read_answer(text).strip()
+            listed = protocol.read_answer(text)
         choice = parse_list(listed)
-        if any(mark not in (1, 2) for mark in choice):
-            raise ValueError(f"not a list of 1s and 2s: {listed!r}")
+        if any(mark not in (1, 2) for mark in choice) or str(choice) != listed:
+            raise ValueError(f"not a list of 1s and 2s as Python prints it: {listed!r}")
         return choice
 
 

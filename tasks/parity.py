@@ -31,6 +31,7 @@ whose suffixes supply every shorter length).
 from __future__ import annotations
 
 import random
+import re
 from typing import Iterator
 
 from tasks import protocol, register
@@ -108,6 +109,9 @@ def running_parities(bits: Bits) -> list[int]:
         parity ^= bit
         parities.append(parity)
     return parities
+
+
+_SCRATCHPAD = re.compile(re.escape(SCRATCHPAD_NOTE) + "( [01])+")
 
 
 def scratchpad(bits: Bits) -> str:
@@ -231,13 +235,14 @@ class ParityTask(Task):
     # --- answers ------------------------------------------------------------------------------
     def parse_answer(self, text: str, method: str) -> int:
         """``"1"`` -> 1 (baseline, Re-Tuning; an ``Answer: `` line is read as the protocol does);
-        ``"Compute one element at a time. 1 1 0 1"`` -> 1 (scratchpad: its last value)."""
+        ``"Compute one element at a time. 1 1 0 1"`` -> 1 (scratchpad: its last value). ValueError
+        for any form the oracle does not write: ``"1\n"``, ``"Compute one element at a time. 1  1"``."""
         if method == "scratchpad":
-            if not text.startswith(SCRATCHPAD_NOTE) or len(text.split()) <= len(SCRATCHPAD_NOTE.split()):
+            if not _SCRATCHPAD.fullmatch(text):
                 raise ValueError(f"not a parity scratchpad: {text!r}")
-            answer = text.split()[-1]
+            answer = text[-1]
         else:
-            answer = protocol.read_answer(text).strip()
+            answer = protocol.read_answer(text)
         if answer not in ("0", "1"):
             raise ValueError(f"not a parity answer (0 or 1): {text!r}")
         return int(answer)

@@ -47,14 +47,15 @@ def find_call(completion: str) -> str | None:
 
     ``"Call with array minus first element. Call: Create dp array [-1, 4]\\n"``
     -> ``"Create dp array [-1, 4]"``. Raises ProtocolError("malformed_call") for a ``Call: `` with
-    an empty question or with text on a line after it.
+    an empty question, without the newline that ends a call line, or with text after it.
     """
     at = completion.rfind(CALL_TAG)
     if at < 0:
         return None
     sub_question = completion[at + len(CALL_TAG):]
-    if sub_question.endswith("\n"):
-        sub_question = sub_question[:-1]
+    if not sub_question.endswith("\n"):
+        raise ProtocolError("malformed_call", repr(completion[at:]))
+    sub_question = sub_question[:-1]
     if not sub_question.strip() or "\n" in sub_question:
         raise ProtocolError("malformed_call", repr(completion[at:]))
     return sub_question

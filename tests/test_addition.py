@@ -54,6 +54,18 @@ def test_answer_parsing():
                                   (("50", "50"), "0100", "baseline")]:
         assert not TASK.is_correct(problem, text, method), text
     assert TASK.is_correct(("50", "50"), "100", "baseline") and TASK.is_correct(("00", "00"), "0", "baseline")
+    # Nothing around the answer either: the oracle writes no whitespace there.
+    for text, method in [("Carry 0, Output 46\n", "retuning"), (" 46", "baseline"), ("46\n", "baseline"),
+                         ("Carry 0, Output 6\nCarry 0, Output 46\n", "scratchpad")]:
+        assert not TASK.is_correct(("12", "34"), text, method), text
+
+
+def test_records_of_problems_deeper_than_the_default_recursion_limit():
+    """The oracle's trace is never cut by a limit: a 70-digit sum has 139 records (2L - 1), and
+    its evaluation at that length (depth limit 2L) sizes its token budget from them."""
+    problem = ("1" * 70, "8" * 70)
+    records = TASK.records(problem, "retuning")
+    assert len(records) == 139 and records[-1][1] == "Carry 0, Output " + "9" * 70
 
 
 # --- every record against an independent computation --------------------------------------------

@@ -269,6 +269,15 @@ def test_parse_answer_forms_and_errors():
         with pytest.raises(ValueError):
             task.parse_answer(text, method)
     assert not task.is_correct((3, -1, 4), "[1, 2, 2]", "baseline")
+    # The right choice in a form the oracle does not write is wrong, as in the original's string
+    # comparison.
+    assert task.is_correct((3, -1, 4), "Append 1 if False else 2.\nAnswer: [1, 2, 1]", "retuning")
+    for text, method in [("[1,2, 1]", "baseline"), ("[1, 2, 1] ", "baseline"),
+                         ("Append 1 if False else 2.\nAnswer:  [1, 2, 1]", "retuning"),
+                         ("Append 1 if False else 2.\nAnswer: [1, 2, 1]\n", "retuning"),
+                         ("Reconstructing all together, output=[1, 2, 1].\n", "scratchpad"),
+                         ("Reconstructing all together, output=[1, 2, 1]", "scratchpad")]:
+        assert not task.is_correct((3, -1, 4), text, method), text
 
 
 def test_sample_is_seeded_and_in_range():

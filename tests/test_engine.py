@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from evaluation.backends import CallableBackend, OracleBackend
+from evaluation.backends import CallableBackend, OracleBackend, Request
 from evaluation.engine import (LimitRules, Limits, evaluate, format_trace, run_engine,
                                sample_problems, solve_sequentially)
 from tasks import get_task, protocol, task_names
@@ -155,7 +155,16 @@ def test_endless_calls_at_one_depth_stop_at_the_call_limit():
     assert seconds < 10
 
 
-@pytest.mark.parametrize("completion", ["Call: \n", "Call: a\nb", "Call:    \n"])
+def test_a_callable_backend_counts_eos_against_the_token_budget():
+    """As an HF backend does: five characters and EOS need six tokens, so a budget of five ends
+    the text there with no EOS."""
+    backend = CallableBackend(lambda context: "abcde")
+    for budget, expected in [(4, ("abcd", False, 4)), (5, ("abcde", False, 5)), (6, ("abcde", True, 6))]:
+        completion, = backend.generate([Request("x", budget)])
+        assert (completion.text, completion.hit_eos, completion.n_generated) == expected
+
+
+@pytest.mark.parametrize("completion", ["Call: \n", "Call: a\nb", "Call:    \n", "Call: What is the parity of [1]?"])
 def test_malformed_calls_fail(completion):
     task = require("parity")
     results, _, _ = run_garbage(task, "retuning", lambda c: completion)

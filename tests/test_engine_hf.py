@@ -4,7 +4,7 @@ briefly trained model the same answers and call traces as the plain one-problem 
 import pytest
 import torch
 
-from evaluation.backends import HFBackend, HFSequentialBackend, Request
+from evaluation.backends import HFBackend, HFSequentialBackend, Request, completion_text
 from evaluation.engine import LimitRules, Limits, run_engine, sample_problems, solve_sequentially
 from evaluation.quick_model import cached_quick_model
 from modeling import build_char_tokenizer, build_tiny_model
@@ -200,3 +200,12 @@ def test_completions_decode_to_the_training_outputs_with_a_sentencepiece_tokeniz
             written = {prompt: completion_text(tokenizer, tokenizer(output, add_special_tokens=False)["input_ids"])
                        for prompt, output in records}
             assert protocol.solve(task.question(problem), written.__getitem__).steps == records
+
+
+def test_special_tokens_a_model_writes_stay_in_its_text():
+    """A ``<unk>`` inside an answer is read and scored as written, not silently dropped."""
+    tokenizer = build_char_tokenizer()
+    ids = tokenizer("[1, 2]", add_special_tokens=False)["input_ids"]
+    text = completion_text(tokenizer, ids[:3] + [tokenizer.unk_token_id] + ids[3:])
+    assert text == "[1,<unk> 2]"
+    assert not get_task("dp").is_correct((3, -1), text, "baseline")

@@ -101,7 +101,9 @@ def test_parse_answer_forms_and_errors():
     for text, method in [("", "baseline"), ("2", "baseline"), ("10", "retuning"),
                          ("Call: What is the parity of [1]?\n", "retuning"),
                          ("Compute one element at a time.", "scratchpad"), ("1 1 0", "scratchpad"),
-                         ("Compute one element at a time. 1 x", "scratchpad")]:
+                         ("Compute one element at a time. 1 x", "scratchpad"), ("1\n", "baseline"),
+                         (" 1", "retuning"), ("Compute one element at a time. 1  1", "scratchpad"),
+                         ("Compute one element at a time. 1 1\n", "scratchpad")]:
         with pytest.raises(ValueError):
             task.parse_answer(text, method)
     # A scratchpad is scored on its last value only when it wrote one per bit.
