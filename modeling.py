@@ -102,7 +102,8 @@ def load_model_and_tokenizer(model_cfg: Mapping[str, Any], lora_cfg: Mapping[str
     ``model_cfg`` keys: ``name_or_path`` (hub name or local directory), ``from_scratch`` with
     ``llama_config`` (the tiny model), ``tokenizer`` (``"char"`` for the project's tokenizer,
     else a name; default ``name_or_path``), ``dtype``, ``config_overrides`` (extra
-    ``from_pretrained`` kwargs, e.g. dropout 0), ``lora_target_modules`` (a list of module
+    ``from_pretrained`` kwargs; a hub model's own dropout is set to 0 whatever they say, as
+    the paper's training did), ``lora_target_modules`` (a list of module
     names, or ``"all-linear"``). ``lora_cfg`` keys: ``enabled``, ``lora_r``, ``lora_alpha``,
     ``lora_dropout``. ``base_save_dir``: where a from-scratch base is saved, before the adapter is
     added, when LoRA is on (the trainer passes ``<run_dir>/base_model``).
@@ -129,16 +130,34 @@ def load_model_and_tokenizer(model_cfg: Mapping[str, Any], lora_cfg: Mapping[str
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg["name_or_path"], dtype=torch_dtype,
             **(model_cfg.get("config_overrides") or {}))
+        without_dropout(model)
     model.config.use_cache = False  # no KV cache while training
 
     if lora_cfg.get("enabled"):
         if model_cfg.get("from_scratch") and base_save_dir:
             save_pretrained_atomic(model, tokenizer, base_save_dir)
-        model = add_lora(model, lora_cfg, model_cfg.get("lora_target_modules") or "all-linear",
-                         base_name_or_path=(FROM_SCRATCH_BASE_PATH if model_cfg.get("from_scratch")
-                                            else model_cfg["name_or_path"]))
+        if model_cfg.get("from_scratch"):
+            base = FROM_SCRATCH_BASE_PATH
+        elif os.path.isdir(model_cfg["name_or_path"]):  # a local base, found from any directory
+            base = os.path.abspath(model_cfg["name_or_path"])
+        else:
+            base = model_cfg["name_or_path"]
+        model = add_lora(model, lora_cfg, model_cfg.get("lora_target_modules") or "all-linear", base)
     return model, tokenizer
 
+
+def without_dropout(model) -> None:
+    """The base model's own dropout set to 0, as the paper's training did (SPEC section 5;
+    LoRA's dropout is added after): every ``nn.Dropout``, every attention module's
+    ``attention_dropout`` rate (Llama's is a number, not a module), and the config's rates."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for key, value in model.config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(model.config, key, 0.0)
 
 
 def add_lora(model, lora_cfg: Mapping[str, Any], target_modules, base_name_or_path: str):

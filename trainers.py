@@ -279,8 +279,8 @@ class Trainer:
             os.makedirs(staging)
         barrier(proc)
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if proc.device.type == "cuda":  # this process's GPU only: a resume may see fewer GPUs
+            rng["cuda"] = torch.cuda.get_rng_state(proc.device)
         atomic_torch_save(rng, os.path.join(staging, f"rng_state_{proc.rank}.pt"))
         barrier(proc)
         if proc.is_main:
@@ -310,14 +310,16 @@ class Trainer:
         if state["batch_size"] != self.cfg.batch_size:
             raise ValueError(f"{checkpoint_dir}: trained with batch_size={state['batch_size']}, "
                              f"cannot resume with batch_size={self.cfg.batch_size}")
-        saved = torch.load(os.path.join(checkpoint_dir, "optimizer.pt"), weights_only=True)
+        # Onto the CPU first: a run saved on a GPU may resume on another one, or on none;
+        # load_state_dict moves the state to the parameters' device.
+        saved = torch.load(os.path.join(checkpoint_dir, "optimizer.pt"), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         rng_path = os.path.join(checkpoint_dir, f"rng_state_{self.processes.rank}.pt")
         if os.path.isfile(rng_path):
             rng = torch.load(rng_path, weights_only=True)
             torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            if "cuda" in rng and self.processes.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.processes.device)
         self.start_step, self.resumed_from = int(state["step"]), checkpoint_dir
 
 

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tasks
-from modeling import (CHAR_ALPHABET, build_char_tokenizer, load_checkpoint, load_model_and_tokenizer,
-                      resolve_base_model, save_model)
+from modeling import (CHAR_ALPHABET, build_char_tokenizer, build_tiny_model, load_checkpoint,
+                      load_model_and_tokenizer, resolve_base_model, save_model)
 
 TINY = {"from_scratch": True, "tokenizer": "char", "lora_target_modules": "all-linear",
         "llama_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -105,6 +105,31 @@ def test_lora_adapter_reloads_with_peft_and_gives_the_same_logits(tmp_path):
         merged, _ = load_checkpoint(str(checkpoint), merge_lora=True)
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
     assert loaded_tokenizer("5 + 7")["input_ids"] == tokenizer("5 + 7")["input_ids"]
+
+
+def test_a_local_base_loads_from_any_directory_and_trains_without_its_own_dropout(tmp_path, monkeypatch):
+    """A base given as ``./base`` (a local directory, as a hub model downloaded beside the runs)
+    is recorded so that its LoRA checkpoint loads from anywhere; the base's own dropout is 0
+    (SPEC section 5), so training mode computes what eval mode does, LoRA's dropout aside."""
+    tokenizer = build_char_tokenizer()
+    base = build_tiny_model({**TINY["llama_config"], "attention_dropout": 0.5}, tokenizer, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model_and_tokenizer({"name_or_path": "./base", "lora_target_modules": "all-linear"},
+                                        {"enabled": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    ids = torch.tensor([tokenizer("5 + 7\nSolution: ")["input_ids"]])
+    model.train()
+    with torch.no_grad():
+        training_logits = [model(ids).logits for _ in range(2)]
+        assert torch.equal(*training_logits)
+        assert torch.allclose(model.eval()(ids).logits, training_logits[0], atol=1e-6)
+    save_model(model, str(tmp_path / "run" / "final"))
+    tokenizer.save_pretrained(tmp_path / "run" / "final")
+    monkeypatch.chdir(tmp_path / "run")
+    loaded, _ = load_checkpoint("final")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, training_logits[0], atol=1e-6)
 
 
 def test_a_model_config_without_a_model_is_refused():

@@ -1,4 +1,5 @@
 """End-to-end trainer behaviour on a very small Llama (CPU, a handful of steps per run)."""
+import glob
 import json
 import os
 import shutil
@@ -400,6 +401,12 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dat
         run(config(tmp_path, dataset, *overrides, name="killed"))
     monkeypatch.setattr(trainers.Trainer, "save", save)
     assert not os.path.exists(tmp_path / "killed" / "final")
+    # As if it had trained on a GPU: its optimizer state says cuda:0, and it resumes on this CPU.
+    optimizer_file, = glob.glob(str(tmp_path / "killed" / "step-*" / "optimizer.pt"))
+    optimizer_state = torch.load(optimizer_file, weights_only=True)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(optimizer_state, optimizer_file)
 
     from train import SettingError
     other_data = write_dataset(tmp_path, "addition_baseline_other", addition_records(random.Random(5), [1, 2], 8))
