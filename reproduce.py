@@ -31,9 +31,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from data_generation.pipeline import GENERATOR_VERSION, file_names, generate
-from evaluation.cli import EVAL_DEVICES, EVAL_DTYPES, parse_lengths
+from evaluation.cli import EVAL_DEVICES, EVAL_DTYPES
+from evaluation.engine import SAMPLING
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
-from tasks import get_task, task_names
+from tasks import get_task, parse_lengths, task_names
 from tasks.base import METHODS
 from train import config_differences
 from utils import atomic_write_json, atomic_write_text
@@ -257,6 +258,7 @@ def results_answer(results: dict, method: str, run_dir: str, seed: int, settings
     results another run left behind are never taken for this one's)."""
     asked = results.get("settings", {})
     return (results.get("method") == method and asked.get("seed") == seed
+            and asked.get("sampling") == SAMPLING
             and os.path.abspath(asked.get("run_dir", "")) == os.path.abspath(run_dir)
             and (settings.eval_samples is None or asked.get("samples") == settings.eval_samples)
             and (settings.eval_lengths is None or asked.get("lengths") == parse_lengths(settings.eval_lengths)))

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from evaluation.backends import HFBackend, HFSequentialBackend  # noqa: E402
-from evaluation.cli import load_eval_config, parse_lengths  # noqa: E402
+from evaluation.cli import load_eval_config  # noqa: E402
 from evaluation.engine import LimitRules, run_engine, sample_problems, solve_sequentially  # noqa: E402
 from evaluation.quick_model import TINY, train_quick_model  # noqa: E402
-from tasks import get_task  # noqa: E402
+from tasks import get_task, parse_lengths  # noqa: E402
 
 
 def load_model(args):

@@ -19,8 +19,8 @@ import tempfile
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_generation.pipeline import file_names, generate  # noqa: E402
-from tasks import get_task, task_names  # noqa: E402
+from data_generation.pipeline import file_names, generate, problems_within_limits  # noqa: E402
+from tasks import get_task, parse_lengths, task_names  # noqa: E402
 from tasks.base import METHODS  # noqa: E402
 
 
@@ -29,21 +29,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_lengths(text: str) -> list[int]:
-    """``"1-8"`` -> [1, ..., 8]; ``"1,3,5-6"`` -> [1, 3, 5, 6]. ValueError for lengths below 1."""
-    lengths: set[int] = set()
-    for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        try:
-            first, last = int(low), int(high if dash else low)
-        except ValueError:
-            raise ValueError(f"--lengths: {part.strip()!r} is not a length or a range like 1-8") from None
-        if first < 1 or last < first:
-            raise ValueError(f"--lengths: {part.strip()!r}: lengths start at 1 and ranges go up")
-        lengths.update(range(first, last + 1))
-    return sorted(lengths)
 
 
 def build_parser(task_name: str | None) -> OneLineParser:
@@ -94,7 +79,7 @@ def main(argv: list[str] | None = None, task_name: str | None = None) -> int:
         parser.error(f"--preset: {task.name} has no preset {args.preset!r}; "
                      f"known: {', '.join(task.presets)}")
     try:
-        lengths = parse_lengths(args.lengths) if args.lengths else None
+        lengths = parse_lengths(args.lengths) if args.lengths is not None else None
     except ValueError as error:
         parser.error(str(error))
     for flag, value in (("--max-problems", args.max_problems), ("--max-gb", args.max_gb)):
@@ -109,11 +94,17 @@ def main(argv: list[str] | None = None, task_name: str | None = None) -> int:
 
     # A kill (SIGTERM) unwinds like Ctrl-C, so the half-written temporary files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    drawn = {}
+    for method in methods:  # every method's problems and size first: one refused, none written
+        try:
+            drawn[method] = problems_within_limits(task, method, args.preset, args.seed, lengths,
+                                                   args.max_problems, args.max_gb * 1e9)
+        except ValueError as error:
+            parser.error(f"{task.name} {method} {args.preset}: {error}")
     for method in methods:
         try:
             meta = generate(task, method, args.preset, args.seed, args.out_dir, lengths,
-                            args.test_per_length, progress=not args.quiet,
-                            max_problems=args.max_problems, max_bytes=args.max_gb * 1e9)
+                            args.test_per_length, progress=not args.quiet, problems=drawn.pop(method))
         except ValueError as error:  # the task cannot sample these settings: nothing was written
             parser.error(f"{task.name} {method} {args.preset}: {error}")
         except OSError as error:

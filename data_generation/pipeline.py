@@ -263,18 +263,27 @@ def file_names(task: Task, method: str, preset: str) -> dict[str, str]:
     return {split: f"{stem}_{split}.json" for split in ("train", "test", "meta")}
 
 
-def generate(task: Task, method: str, preset: str, seed: int, out_dir: str,
-             lengths: list[int] | None = None, test_per_length: int = 100,
-             progress: bool = True, max_problems: int | None = None,
-             max_bytes: float | None = None) -> dict[str, Any]:
-    """Write the three files of one dataset and return its meta. Raises ValueError (from the task)
-    for settings it cannot sample, and for a set over ``max_problems`` training problems or an
-    estimated ``max_bytes`` of training file, before any file is opened."""
+def problems_within_limits(task: Task, method: str, preset: str, seed: int, lengths: list[int] | None,
+                           max_problems: int | None = None, max_bytes: float | None = None) -> list:
+    """The training problems of one dataset; ValueError (from the task) for settings it cannot
+    sample, and for a set over ``max_problems`` problems or an estimated ``max_bytes`` of file."""
     problems = draw_training_problems(task, method, preset, seed, lengths, max_problems)
     if max_bytes is not None and (size := estimated_train_bytes(task, method, problems)) > max_bytes:
         raise ValueError(f"the training file would grow to about {size / 1e9:,.3g} GB "
                          f"({len(problems):,} problems{lengths_note(lengths)}), over the limit of "
                          f"{max_bytes / 1e9:,.3g} GB; draw shorter lengths or raise --max-gb")
+    return problems
+
+
+def generate(task: Task, method: str, preset: str, seed: int, out_dir: str,
+             lengths: list[int] | None = None, test_per_length: int = 100,
+             progress: bool = True, max_problems: int | None = None,
+             max_bytes: float | None = None, problems: list | None = None) -> dict[str, Any]:
+    """Write the three files of one dataset and return its meta. ``problems``: those
+    ``problems_within_limits`` drew for these settings, else it draws them here, raising its
+    ValueErrors before any file is opened."""
+    if problems is None:
+        problems = problems_within_limits(task, method, preset, seed, lengths, max_problems, max_bytes)
     names = file_names(task, method, preset)
     paths = {split: os.path.join(out_dir, name) for split, name in names.items()}
     files: list[AtomicFile] = []

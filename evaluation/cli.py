@@ -20,33 +20,15 @@ import sys
 from pathlib import Path
 
 from evaluation.engine import LimitRules, evaluate, format_trace
+from tasks import METHODS, get_task, parse_lengths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config" / "evaluation"
-METHODS = ("baseline", "scratchpad", "retuning")
 EVAL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 EVAL_DEVICES = r"auto|cpu|cuda(:\d+)?|mps"  # a pattern: cuda:1 too
 
 
 # --- small parsers --------------------------------------------------------------------------
-def parse_lengths(text: str | int | list) -> list[int]:
-    """``"2-5,8,10-11"`` -> ``[2, 3, 4, 5, 8, 10, 11]``; a list or an int passes through."""
-    if isinstance(text, int):
-        return [text]
-    if isinstance(text, (list, tuple)):
-        return [int(n) for n in text]
-    lengths = []
-    for part in str(text).replace(" ", "").split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise ValueError(f"--lengths: cannot read {part!r} in {text!r} (want e.g. 2-40 or 2,5,10)")
-        low, high = int(match[1]), int(match[2] or match[1])
-        if high < low:
-            raise ValueError(f"--lengths: empty range {part!r}")
-        lengths.extend(range(low, high + 1))
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths: lengths must be >= 1, got {text!r}")
-    return sorted(set(lengths))
 
 
 def load_eval_config(task_name: str) -> dict:
@@ -147,7 +129,6 @@ def evaluate_checkpoint(task_name: str, checkpoint: str | None = None, method: s
                         kv_cache_budget: int | None = None) -> dict:
     """Evaluate a checkpoint (or, with ``oracle``, the task's oracle) and write
     ``<out>/results.json`` and ``<out>/accuracy.png``; returns the results dict."""
-    from tasks import get_task
     task = get_task(task_name)
     config = load_eval_config(task_name)
     info: dict = {"task": task_name}

@@ -294,10 +294,19 @@ def _calls(completion: str) -> bool:
 
 
 # --- evaluation: sample, run, summarise -----------------------------------------------------
+SAMPLING = "one stream per length, random.Random(f'{seed}/{length}')"  # recorded in results.json
+
+
 def sample_problems(task, lengths: Sequence[int], samples: int, seed: int) -> list[Any]:
-    """``samples`` problems of each length, drawn in order from ``random.Random(seed)``."""
-    rng = random.Random(seed)
-    return [task.sample(rng, n) for n in lengths for _ in range(samples)]
+    """``samples`` problems of each length, each length drawn from its own stream (``SAMPLING``):
+    the problems of a length are the same whatever other lengths are asked, and fewer samples
+    are the first of more (SPEC's 20 Re-Tuning problems per length are the first 20 of the
+    baseline's 100), so methods evaluated with different settings share their problems."""
+    problems = []
+    for n in lengths:
+        rng = random.Random(f"{seed}/{n}")
+        problems += [task.sample(rng, n) for _ in range(samples)]
+    return problems
 
 
 def evaluate(backend: Backend, task, method: str, lengths: Sequence[int], samples: int, seed: int = 0,
@@ -316,7 +325,7 @@ def evaluate(backend: Backend, task, method: str, lengths: Sequence[int], sample
         for result in results:
             if not result.correct:
                 result.first_wrong_step = first_wrong_step(result, task)
-    settings = dict(lengths=list(lengths), samples=samples, seed=seed, limits=vars(rules),
+    settings = dict(lengths=list(lengths), samples=samples, seed=seed, sampling=SAMPLING, limits=vars(rules),
                     engine="sequential" if sequential else "batched")
     return summarize(results, task.name, method, wall, {**settings, **(info or {})})
 

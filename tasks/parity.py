@@ -12,7 +12,7 @@ Datasets (``training_problems`` / ``retuning_copies``), two presets:
   is dropped with p = 0.9, longer than 16 with a further p = (L - 16) / 10 + 0.25 (one draw per
   distinct input, only where a drop can happen), and lengths 1..8 are repeated 900, 240, 100,
   50, 24, 12, 6, 4 times, a surviving length 11 four times. Measured once (problems drawn with
-  seed 0): 2,209,728 distinct inputs, 124,875 records after drop/repeat (about 124,400 expected).
+  seed 0): 2,208,738 distinct inputs, 124,121 records after drop/repeat (about 124,400 expected).
 * ``small``: for a ~1M-parameter character-level model trained on a CPU in minutes, lengths
   1..10. Baseline and scratchpad: per length n, ``min(2**n, 2048)`` distinct lists, each repeated
   ``2048 // count`` times, so every length has exactly 2048 records (20,480 records). Re-Tuning:

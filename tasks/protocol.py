@@ -111,21 +111,26 @@ def solve(question: str, generate: Callable[[str], str], max_depth: int = 64,
     problem's Re-Tuning training records) or a model. Raises ProtocolError on a broken limit.
     """
     trace = Trace()
-
-    def run(sub_question: str, depth: int) -> str:
-        if depth > max_depth:
+    # The open contexts, outermost first, each with the completion that made its call: a stack
+    # rather than Python recursion, so a 1,000-digit sum (1,000 levels) solves too.
+    waiting: list[tuple[str, str]] = []
+    context = pose(question)
+    while True:
+        completion = generate(context)
+        trace.steps.append((context, completion))
+        called = find_call(completion)
+        if called is None:
+            answer = read_answer(completion)
+            if not waiting:
+                trace.answer = answer
+                return trace
+            parent, call = waiting.pop()
+            context = append_return(parent, call, answer)
+            continue
+        trace.calls += 1
+        if trace.calls > max_calls:
+            raise ProtocolError("max_calls", f"more than {max_calls} calls")
+        if len(waiting) + 1 > max_depth:
             raise ProtocolError("max_depth", f"recursion deeper than {max_depth}")
-        context = pose(sub_question)
-        while True:
-            completion = generate(context)
-            trace.steps.append((context, completion))
-            called = find_call(completion)
-            if called is None:
-                return read_answer(completion)
-            trace.calls += 1
-            if trace.calls > max_calls:
-                raise ProtocolError("max_calls", f"more than {max_calls} calls")
-            context = append_return(context, completion, run(called, depth + 1))
-
-    trace.answer = run(question, 0)
-    return trace
+        waiting.append((context, completion))
+        context = pose(called)

@@ -60,12 +60,14 @@ def test_answer_parsing():
         assert not TASK.is_correct(("12", "34"), text, method), text
 
 
-def test_records_of_problems_deeper_than_the_default_recursion_limit():
+@pytest.mark.parametrize("length", [70, 1000])
+def test_records_of_problems_deeper_than_the_default_recursion_limit(length):
     """The oracle's trace is never cut by a limit: a 70-digit sum has 139 records (2L - 1), and
-    its evaluation at that length (depth limit 2L) sizes its token budget from them."""
-    problem = ("1" * 70, "8" * 70)
+    its evaluation at that length (depth limit 2L) sizes its token budget from them; nor by
+    Python's recursion limit (1,000 frames)."""
+    problem = ("1" * length, "8" * length)
     records = TASK.records(problem, "retuning")
-    assert len(records) == 139 and records[-1][1] == "Carry 0, Output " + "9" * 70
+    assert len(records) == 2 * length - 1 and records[-1][1] == "Carry 0, Output " + "9" * length
 
 
 # --- every record against an independent computation --------------------------------------------

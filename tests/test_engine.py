@@ -155,6 +155,17 @@ def test_endless_calls_at_one_depth_stop_at_the_call_limit():
     assert seconds < 10
 
 
+@pytest.mark.parametrize("task_name", task_names())
+def test_a_lengths_problems_do_not_depend_on_the_other_lengths_or_on_more_samples(task_name):
+    """So methods evaluated at SPEC's settings (100 baseline problems per length, 20 Re-Tuning)
+    share their problems, and ``--lengths 10`` poses those that length 10 gets in 2-60."""
+    task = get_task(task_name)
+    alone = sample_problems(task, [5], 20, seed=3)
+    among_others = sample_problems(task, [2, 3, 4, 5, 6], 100, seed=3)
+    assert alone == among_others[300:320]
+    assert sample_problems(task, [5], 20, seed=4) != alone
+
+
 def test_a_callable_backend_counts_eos_against_the_token_budget():
     """As an HF backend does: five characters and EOS need six tokens, so a budget of five ends
     the text there with no EOS."""

@@ -13,7 +13,7 @@ from evaluation.backends import HFBackend
 from evaluation.engine import LimitRules, run_engine, sample_problems
 from evaluation.quick_model import cached_quick_model
 from modeling import FROM_SCRATCH_BASE_PATH, add_lora, build_char_tokenizer, build_tiny_model
-from tasks import get_task
+from tasks import get_task, parse_lengths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,11 +58,11 @@ def parity_run(tmp_path_factory):
 
 # --- small parsers and metadata -------------------------------------------------------------
 def test_parse_lengths():
-    assert cli.parse_lengths("2-5,8,10-11") == [2, 3, 4, 5, 8, 10, 11]
-    assert cli.parse_lengths("7") == [7] and cli.parse_lengths([3, 2]) == [3, 2]
+    assert parse_lengths("2-5,8,10-11") == [2, 3, 4, 5, 8, 10, 11]
+    assert parse_lengths("7") == [7] and parse_lengths([3, 2]) == [3, 2]
     for bad in ("5-2", "a", "2-", "0-3", ""):
         with pytest.raises(ValueError, match="--lengths"):
-            cli.parse_lengths(bad)
+            parse_lengths(bad)
 
 
 def test_resolve_checkpoint(parity_run, tmp_path):
@@ -125,7 +125,9 @@ def test_evaluate_a_run_directory(parity_run, tmp_path, capsys):
     assert set(problem) >= {"problem", "expected", "predicted", "correct", "failure", "trace"}
     assert problem["trace"][0]["context"] == "What is the parity of " + \
         str(problem["problem"]) + "?\nSolution: "
-    assert saved["summary"]["correct"] >= 4  # the model learned something: calls and answers
+    # The model learned the protocol (its parity is at chance after 300 steps): every problem
+    # made its calls and ended in a parsed answer.
+    assert saved["summary"]["failures"] == {} and saved["summary"]["mean_calls"] >= 1
     assert saved["summary"]["prompt_tokens_computed"] < saved["summary"]["prompt_tokens"]
     assert f"#4 length {problem['length']}: expected {problem['expected']}" in printed
     assert "[0] What is the parity of" in printed and "  [1] " in printed

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from data_generation import pipeline
-from data_generation.generate import main, parse_lengths
-from tasks import get_task, protocol, task_names
+from data_generation.generate import main
+from tasks import get_task, parse_lengths, protocol, task_names
 from test_addition import check_record  # tests/ is on sys.path (pytest's default import mode)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,7 @@ def test_paper_baseline_has_304000_records(tmp_path):
 
 # --- bad arguments and interruptions -----------------------------------------------------------
 BAD = [(["--methods", "baseline,cot"], "cot"), (["--preset", "huge"], "huge"),
-       (["--lengths", "0"], "--lengths"), (["--lengths", "5-2"], "--lengths"), (["--lengths", "x"], "--lengths"),
+       (["--lengths", "0"], "--lengths"), (["--lengths", "5-2"], "--lengths"), (["--lengths", "x"], "--lengths"), (["--lengths", ""], "--lengths"),
        (["--seed", "abc"], "abc"), (["--test-per-length", "-1"], "-1"), (["--bogus"], "--bogus"),
        (["--max-problems", "0"], "--max-problems"), (["--max-gb", "-1"], "--max-gb")]
 
@@ -176,10 +176,14 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, n
 @pytest.mark.parametrize("task_name,args,named", [
     ("dp", ["--preset", "paper", "--lengths", "2-12"], "more than 2,000,000 training problems of lengths 2-12"),
     ("addition", ["--preset", "small", "--max-gb", "0.001"], "(6,400 problems), over the limit of 0.001 GB"),
-    ("dp", ["--preset", "small", "--lengths", "40", "--max-gb", "0.05"], "of lengths 40-40), over")])
+    ("dp", ["--preset", "small", "--lengths", "40", "--max-gb", "0.05"], "of lengths 40-40), over"),
+    # the baseline and scratchpad sets fit, the Re-Tuning one does not: none is written
+    ("addition", ["--preset", "small", "--lengths", "60", "--max-gb", "0.01", "--methods", "baseline,scratchpad,retuning"],
+     "addition retuning small: the training file would grow to about")])
 def test_a_set_too_large_is_refused_before_anything_is_written(tmp_path, capsys, task_name, args, named):
+    methods = [] if "--methods" in args else ["--methods", "retuning"]
     with pytest.raises(SystemExit) as stop:
-        main([*args, "--methods", "retuning", "--out-dir", str(tmp_path), "--quiet"], task_name)
+        main([*args, *methods, "--out-dir", str(tmp_path), "--quiet"], task_name)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and named in err, err
     assert os.listdir(tmp_path) == []

@@ -107,11 +107,14 @@ def test_a_rerun_with_other_settings_redoes_or_refuses_what_they_change_and_keep
     assert "addition_retuning_small_tiny_seed0 holds a training with other settings (data: " in refused.stderr
     assert model.stat().st_mtime_ns == trained_at
 
-    # Results that do not say they are this evaluation (left by another run) are redone.
-    evaluated["settings"]["samples"] = 5
-    results.write_text(json.dumps(evaluated))
-    run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
-    assert json.loads(results.read_text())["settings"]["samples"] == 3
+    # Results that do not say they are this evaluation (left by another run, or drawn by an
+    # older way of sampling the problems) are redone.
+    for key, other in [("samples", 5), ("sampling", None)]:
+        evaluated["settings"][key] = other
+        results.write_text(json.dumps(evaluated))
+        run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
+        evaluated = json.loads(results.read_text())
+        assert evaluated["settings"]["samples"] == 3 and evaluated["settings"]["sampling"] is not None
 
     # An edit of config/config.yaml or config/model/tiny.yaml since the training (here the other
     # way round: the run's saved config changed) is refused too, naming the setting.
