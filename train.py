@@ -12,10 +12,12 @@ directory and writes nothing of its own, so dataset paths are relative to where 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from modeling import FROM_SCRATCH_BASE_DIR, count_parameters, load_for_resume, load_model_and_tokenizer
@@ -77,7 +79,7 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
 
 # What a resumed run may change: how far it trains, how it logs, evaluates and checkpoints, and
 # where it runs. Any other setting would continue the run as another one under its name.
-RESUMABLE_SETTINGS = {"exp_name", "run_dir", "resume", "n_examples", "n_epochs", "n_eval_examples",
+RESUMABLE_SETTINGS = {"exp_name", "run_dir", "resume", "overwrite", "n_examples", "n_epochs", "n_eval_examples",
                       "eval_every", "save_every", "keep_checkpoints", "eval_at_start", "eval_batch_size",
                       "log_every", "tensorboard", "wandb", "device", "num_threads"}
 
@@ -111,6 +113,39 @@ def check_resumable(cfg: DictConfig) -> None:
                            "run with run_dir=")
 
 
+def resumed_config(cfg: DictConfig, command_line: list[str]) -> DictConfig:
+    """What ``resume=<dir>`` continues: the run's own saved config, with the settings the command
+    line gives on top, so ``train.py datasets=[...] resume=runs/demo`` keeps the run's
+    ``n_examples``, ``lr``, ... (a setting given that it may not change is refused by
+    ``check_resumable``)."""
+    saved_path = os.path.join(cfg.resume, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return cfg
+    resumed = OmegaConf.load(saved_path)
+    for override in command_line:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "@" not in key and OmegaConf.select(cfg, key, default=None) is not None:
+            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    return resumed
+
+
+def check_new_run_dir(cfg: DictConfig, is_main: bool) -> None:
+    """A new run does not write over another: a run directory that holds a checkpoint or logged
+    training steps is refused, unless ``overwrite=true`` (then the main process deletes it
+    first). One that stopped before its first step (a bad setting) is simply started again."""
+    run_dir = cfg.run_dir
+    if not os.path.isdir(run_dir):
+        return
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    held = [name for name in os.listdir(run_dir) if name == "final" or name.startswith("step-")
+            or (name == "metrics.jsonl" and os.path.getsize(metrics) > 0)]
+    if held and not cfg.overwrite:
+        raise SettingError(f"run_dir={run_dir} holds a run ({', '.join(sorted(held)[:3])}): continue it with "
+                           f"resume={run_dir}, start it over with overwrite=true, or pick another exp_name=")
+    if held and is_main:
+        shutil.rmtree(run_dir)
+
+
 def check_not_past_the_end(cfg: DictConfig, state: dict, planned: int) -> None:
     """A resumed run that has already taken more steps than this config plans (a smaller
     ``n_examples`` or ``n_epochs``) stops before anything is written, its checkpoints untouched."""
@@ -137,6 +172,8 @@ def build(cfg: DictConfig) -> Trainer:
     processes = init_processes(cfg.device)
     if cfg.resume:
         check_resumable(cfg)
+    else:
+        check_new_run_dir(cfg, processes.is_main)
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes.local_world_size))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     torch.manual_seed(cfg.seed + processes.rank)  # dropout differs across processes, same each run
@@ -144,8 +181,6 @@ def build(cfg: DictConfig) -> Trainer:
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and processes.is_main:
         print(f"resuming from {checkpoint[0]}" if checkpoint else f"{run_dir}: no checkpoint yet, starting over")
-    if processes.is_main:
-        os.makedirs(run_dir, exist_ok=True)
 
     # Data first: a bad file stops the run before a model is loaded.
     train_records, eval_records = load_splits(list(cfg.datasets), cfg.n_eval_examples, cfg.seed)
@@ -161,7 +196,12 @@ def build(cfg: DictConfig) -> Trainer:
         model, tokenizer = load_for_resume(checkpoint[0], cfg.model)
     else:
         base_dir = os.path.join(run_dir, FROM_SCRATCH_BASE_DIR) if processes.is_main else None
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, seed=cfg.seed, base_save_dir=base_dir)
+        try:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, seed=cfg.seed, base_save_dir=base_dir)
+        except OSError as error:  # not in the local cache and the hub unreachable, a bad path, ...
+            raise SettingError(f"model.name_or_path={cfg.model.name_or_path}: cannot load it "
+                               f"({str(error).splitlines()[0]}); download it, or give a local "
+                               "directory") from None
     train_data = tokenize_records(train_records, tokenizer, cfg.max_length, cfg.max_prompt_length)
     eval_data = tokenize_records(eval_records, tokenizer, cfg.max_length, cfg.max_prompt_length)
     if checkpoint:
@@ -173,6 +213,7 @@ def build(cfg: DictConfig) -> Trainer:
               f"{int(train_data.lengths.sum())} training tokens; model {cfg.model.name}: "
               f"{trainable:,} trainable of {total:,} parameters; {processes.world_size} process(es) on "
               f"{processes.device}" + (f"; WARNING {truncated} records truncated" if truncated else ""))
+        os.makedirs(run_dir, exist_ok=True)  # only now: a run that cannot start leaves no folder
         atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(os.path.join(run_dir, "data_meta.json"), meta)
     barrier(processes)
@@ -189,6 +230,8 @@ def build(cfg: DictConfig) -> Trainer:
 @hydra.main(version_base=None, config_path="config", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
+        if cfg.resume:
+            cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         run(cfg)
     except (DatasetError, SettingError) as error:  # a bad data file or setting: one line naming it
         sys.exit(f"error: {error}")

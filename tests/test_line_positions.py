@@ -75,10 +75,10 @@ def naive_greedy(model, tokenizer, context, max_new_tokens):
                            use_cache=False).logits[0, -1]
         token = int(logits.argmax())
         if token == tokenizer.eos_token_id:
-            return tokenizer.decode(new, skip_special_tokens=True), True
+            return tokenizer.decode(new, skip_special_tokens=False), True
         new.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], 1)
-    return tokenizer.decode(new, skip_special_tokens=True), False
+    return tokenizer.decode(new, skip_special_tokens=False), False
 
 
 CONTEXTS = ["12 + 34\nSolution: ", "7 + 8\nSolution: Call: 8\nReturn: 5\nAnswer: ",

@@ -519,8 +519,34 @@ def test_command_line_keeps_relative_paths_and_reports_bad_files_in_one_line(tmp
     assert json.load(open(tmp_path / "runs" / "cli" / "data_meta.json"))[0]["path"] == relative
     assert sorted(os.listdir(tmp_path)) == ["data", "runs"]  # Hydra wrote no outputs/ of its own
 
+    # The same command again does not train over the finished run; overwrite=true starts it over.
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].startswith("error: run_dir=runs/cli holds a run (final")
+    final_weights = weights(tmp_path / "runs" / "cli" / "final")
+    over = subprocess.run([*command, "overwrite=true", "seed=1"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert over.returncode == 0, over.stderr[-2000:]
+    with pytest.raises(AssertionError):
+        assert_same_weights(final_weights, weights(tmp_path / "runs" / "cli" / "final"))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "runs" / "cli" / "metrics.jsonl")]
+    assert steps == sorted(steps)  # the old run's log went with it
+
+    # resume= continues the run as it was configured: its n_examples and lr, not the defaults.
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMALL_MODEL,
+                              f"datasets=[{relative}]", "resume=runs/cli", "n_epochs=3"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    saved = OmegaConf.load(tmp_path / "runs" / "cli" / "config.yaml")
+    assert (saved.n_examples, saved.batch_size, saved.seed, saved.n_epochs) == (16, 8, 1, 3)
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMALL_MODEL,
+                              f"datasets=[{relative}]", "resume=runs/cli", "lr=0.01"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: resume=runs/cli trained lr=0.001, not 0.01")
+
     (tmp_path / "data" / "broken_train.json").write_text("[{\"input\": \"1\", ")
     command[command.index(f"datasets=[{relative}]")] = "datasets=[data/broken_train.json]"
+    command[command.index("exp_name=cli")] = "exp_name=broken"
     failed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0
     assert failed.stderr.strip().splitlines()[-1].startswith("error: data/broken_train.json: not JSON")
@@ -572,4 +598,12 @@ def test_a_bad_setting_stops_the_run_before_anything_is_written(tmp_path, datase
     from train import SettingError
     with pytest.raises(SettingError, match=re.escape(message)):
         build(config(tmp_path, dataset, override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_and_leaves_no_run_directory(tmp_path, dataset):
+    from train import SettingError
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(SettingError, match=re.escape(f"model.name_or_path={missing}: cannot load it (")):
+        build(config(tmp_path, dataset, "model.from_scratch=false", f"model.name_or_path={missing}"))
     assert not (tmp_path / "run").exists()
