@@ -11,7 +11,9 @@ exactly the ``from_pretrained`` path a user's ``huggyllama/llama-7b`` takes; onl
 the project's character tokenizer. Prints tokens/s, records/s and peak GPU memory per setting, and for each run the speedup of its
 microbatch size over the paper's microbatch of 4 with the same weights' dtype (the named baseline; the global batch and so
 the loss are the same, only the split into accumulation steps differs).
-``--small`` shrinks the model to check the script itself on a CPU.
+``--small`` shrinks the model to check the script itself on a CPU; without it the script needs
+CUDA. Everything it makes (data, the random checkpoint, runs, logs, ``report.json`` with the
+model's shape) stays under ``--out``; a rerun keeps the checkpoint and trains the runs again.
 """
 from __future__ import annotations
 
@@ -81,18 +83,24 @@ def main() -> None:
     parser.add_argument("--train-args", default="", help="extra train.py overrides, space-separated")
     parser.add_argument("--no-eval", action="store_true", help="skip the recursive evaluation")
     args = parser.parse_args()
+    import torch
+    if not args.small and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device: this check builds a LLaMA-7B-shaped model (--small checks "
+                 "the script on a CPU)")
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    work = os.path.join("/tmp", "gpu_check_work")
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
     python = sys.executable
-    report: dict = {}
+    shape = SMALL if args.small else LLAMA_7B
+    report: dict = {"model_shape": shape}
 
     data = os.path.join(work, "data")
     run([python, "data_generation/generate_addition.py", "--methods", "retuning", "--preset", "small",
          "--out-dir", data, "--quiet"], os.path.join(out, "generate.log"))
-    checkpoint = os.path.join(work, "llama7b-random")
+    # Named by its shape, so that a checkpoint of the other size is never taken for this one.
+    checkpoint = os.path.join(work, "random-" + "-".join(f"{key[0]}{value}" for key, value in shape.items()))
     if not os.path.exists(os.path.join(checkpoint, "config.json")):
-        report["make_checkpoint_s"] = make_random_checkpoint(checkpoint, SMALL if args.small else LLAMA_7B)
+        report["make_checkpoint_s"] = make_random_checkpoint(checkpoint, shape)
 
     batch = 32  # a small global batch keeps the check short
     dtypes = {"fp32": "float32", "bf16": "bfloat16"}
@@ -105,7 +113,7 @@ def main() -> None:
                        f"datasets=[{data}/addition_retuning_small_train.json]", f"run_dir={run_dir}",
                        f"batch_size={batch}", f"gradient_accumulation_steps={batch // micro}",
                        f"n_examples={batch * args.steps}", "eval_every=100000", "n_eval_examples=64",
-                       "eval_batch_size=16", "log_every=1", "eval_at_start=false", *args.train_args.split()],
+                       "eval_batch_size=16", "log_every=1", "eval_at_start=false", "overwrite=true", *args.train_args.split()],
                       os.path.join(out, f"train_{name}.log"))
         report[name] = {"wall_s": seconds, **train_metrics(run_dir)}
         baseline = name.split("_")[0] + "_micro4"
