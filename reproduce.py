@@ -19,8 +19,9 @@ import contextlib
 import json
 import os
 import re
-import subprocess
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -203,7 +204,7 @@ def train(cfg: DictConfig, run_dir: str, train_path: str, meta: dict, overrides:
     else:
         os.makedirs(run_dir)
         atomic_write_json(settings_path, recorded)
-    tqdm.write(" ".join(command[1:]))
+    tqdm.write(shlex.join(command[1:]))  # quoted: a line that can be pasted into a shell
     start, usage = time.time(), {}
     try:
         run_child(command, log_path, threads, usage)
@@ -324,7 +325,8 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
     def percent(value):
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    beyond_label = f"beyond ({beyond[0]}-{beyond[-1]})" if beyond else "beyond"
+    beyond_label = ("beyond" if not beyond else f"beyond ({beyond[0]})" if len(beyond) == 1
+                    else f"beyond ({beyond[0]}-{beyond[-1]})")
     asked = next(iter(results.values()))["settings"]
     lines = [f"# {task_name}: {model} model, {preset} preset", "",
              f"Seed {asked.get('seed')}; evaluated on lengths {evaluated[0]}-{evaluated[-1]}, "

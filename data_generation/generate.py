@@ -33,16 +33,19 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(task_name: str | None) -> OneLineParser:
     prog = f"generate_{task_name}.py" if task_name else "generate.py"
-    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0].rstrip(":") + ".")
+    description = __doc__.split("\n\n")[0].rstrip(":") + "."
+    parser = OneLineParser(prog=prog, description=description.replace("one task", task_name or "one task"))
     if task_name is None:
-        parser.add_argument("--task", required=True, help="addition, dp or parity")
+        parser.add_argument("--task", required=True, help=", ".join(task_names()))
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma list of baseline, scratchpad, retuning (default: all)")
-    parser.add_argument("--preset", default="paper",
-                        help="paper (SPEC sampling), small (tiny model on a CPU), limited (addition: "
-                             "the 150-problem set)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="data")
+    presets = get_task(task_name).presets if task_name else ("paper", "small", "limited")
+    preset_notes = {"paper": "SPEC sampling", "small": "tiny model on a CPU",
+                    "limited": "addition's 150-problem set"}
+    parser.add_argument("--preset", default="paper", help=", ".join(
+        f"{name} ({preset_notes.get(name, 'see the task module')})" for name in presets) + " (default paper)")
+    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--out-dir", default="data", help="default data")
     parser.add_argument("--lengths", help="problem lengths drawn for training instead of the "
                                           "preset's, e.g. 1-8 or 1,3,5-7")
     parser.add_argument("--test-per-length", type=int, default=100,

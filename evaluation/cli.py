@@ -269,6 +269,9 @@ def main(task_name: str, argv: list[str] | None = None) -> dict | None:
         limits.update(depth_per_length=0, depth_fixed=args.max_depth)
     if args.max_calls is not None:
         limits.update(calls_per_length=0, calls_fixed=args.max_calls)
+    if args.quiet:  # transformers' own bars too (loading the weights)
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
     try:
         results = evaluate_checkpoint(
             task_name, args.checkpoint, args.method, args.lengths, args.samples, args.seed,

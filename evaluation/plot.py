@@ -55,11 +55,15 @@ def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: 
             axes.axvspan(span[0] - 0.5, span[1] + 0.5, color="0.85", zorder=0,
                          label="trained lengths" if not shaded else None)
             shaded.add(span)
+    # Each line its own marker and dash, so that methods with the same scores (0% past the
+    # trained lengths, say) stay visible on top of one another.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
     for index, results in enumerate(all_results):
         lengths = sorted(results["lengths"], key=int)
         label = labels[index] if labels else METHOD_NAMES.get(results.get("method"), results.get("method"))
+        marker, dash = styles[index % len(styles)]
         axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
-                  marker="o", markersize=3, label=label)
+                  marker=marker, markersize=4, linestyle=dash, fillstyle="none", label=label)
     first = all_results[0]
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole numbers
     axes.set_xlabel(first.get("settings", {}).get("length_label") or "problem length")
