@@ -144,7 +144,7 @@ def test_trained_model_batched_engine_equals_one_problem_at_a_time():
                (b.final_text, b.predicted, b.correct, b.failure, b.calls, b.generated_tokens)
     # The comparison means something only if the model really recursed and the cache was reused.
     assert sum(r.calls for r in batched) >= len(problems)
-    assert sum(r.correct for r in batched) >= 5
+    assert 0 < sum(r.correct for r in batched) < len(problems)  # answers right and wrong both compared
     assert sum(r.prompt_tokens_computed for r in batched) < 0.8 * sum(r.prompt_tokens for r in batched)
     assert sum(r.prompt_tokens_computed for r in reference) == sum(r.prompt_tokens for r in reference)
 
