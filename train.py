@@ -122,10 +122,12 @@ def resumed_config(cfg: DictConfig, command_line: list[str]) -> DictConfig:
     if not os.path.isfile(saved_path):
         return cfg
     resumed = OmegaConf.load(saved_path)
+    absent = object()
     for override in command_line:
         key = override.split("=", 1)[0].lstrip("+~")
-        if "@" not in key and OmegaConf.select(cfg, key, default=None) is not None:
-            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+        value = OmegaConf.select(cfg, key, default=absent) if "@" not in key else absent
+        if value is not absent:  # null included: keep_checkpoints=null is a setting too
+            OmegaConf.update(resumed, key, value, force_add=True)
     return resumed
 
 
