@@ -37,7 +37,7 @@ from evaluation.engine import SAMPLING
 from evaluation.plot import METHOD_NAMES, load_results, plot_accuracy
 from tasks import get_task, parse_lengths, task_names
 from tasks.base import METHODS
-from train import config_differences
+from train import config_differences, saved_config
 from utils import atomic_write_json, atomic_write_text
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -219,13 +219,13 @@ def config_file_difference(run_dir: str, command: list[str]) -> str | None:
     """How the config ``train.py`` resolves for ``command`` now (config/config.yaml and
     config/model/*.yaml as they are) differs from the one the run in ``run_dir`` was trained
     with, e.g. ``"lr=0.001, not 0.005"``; None where they agree or the run saved none yet."""
-    saved = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(saved):
+    saved = saved_config(run_dir)
+    if saved is None:
         return None
     resolved = subprocess.run([*command, "--cfg", "job", "--resolve"], capture_output=True, text=True)
     if resolved.returncode != 0:
         raise SystemExit(f"{resolved.stderr[-2000:]}error: train.py cannot resolve the config for {run_dir}")
-    changed = config_differences(OmegaConf.load(saved), OmegaConf.create(resolved.stdout))
+    changed = config_differences(saved, OmegaConf.create(resolved.stdout))
     return "; ".join(changed) or None
 
 

@@ -97,16 +97,22 @@ def config_differences(saved: DictConfig, now: DictConfig) -> list[str]:
             if key.split(".")[0] not in RESUMABLE_SETTINGS and before[key] != after[key]]
 
 
+def saved_config(run_dir: str) -> DictConfig | None:
+    """The resolved config a run in ``run_dir`` was trained with; None before it wrote one."""
+    path = os.path.join(run_dir, "config.yaml")
+    return OmegaConf.load(path) if os.path.isfile(path) else None
+
+
 def check_resumable(cfg: DictConfig) -> None:
     """``resume=`` must name a run directory, of a run with the same settings (data, model,
     optimizer, ...): a mistyped path would otherwise train from scratch, and other settings would
     continue a run under its name as another one."""
     if not os.path.isdir(cfg.resume):
         raise SettingError(f"resume={cfg.resume}: no such run directory (run_dir= starts a new run)")
-    saved_path = os.path.join(cfg.resume, "config.yaml")
-    if not os.path.isfile(saved_path):
+    saved = saved_config(cfg.resume)
+    if saved is None:
         return  # stopped before its first record was read: nothing to differ from
-    changed = config_differences(OmegaConf.load(saved_path), cfg)
+    changed = config_differences(saved, cfg)
     if changed:
         raise SettingError(f"resume={cfg.resume} trained {'; '.join(changed[:3])}"
                            f"{'; ...' if len(changed) > 3 else ''}: resume with the same, or start a new "
@@ -118,10 +124,9 @@ def resumed_config(cfg: DictConfig, command_line: list[str]) -> DictConfig:
     line gives on top, so ``train.py datasets=[...] resume=runs/demo`` keeps the run's
     ``n_examples``, ``lr``, ... (a setting given that it may not change is refused by
     ``check_resumable``)."""
-    saved_path = os.path.join(cfg.resume, "config.yaml")
-    if not os.path.isfile(saved_path):
+    resumed = saved_config(cfg.resume)
+    if resumed is None:
         return cfg
-    resumed = OmegaConf.load(saved_path)
     absent = object()
     for override in command_line:
         key = override.split("=", 1)[0].lstrip("+~")

@@ -6,7 +6,6 @@ these methods, so each task's text format is written exactly once, in its own mo
 from __future__ import annotations
 
 import random
-import sys
 from typing import Any, Iterator
 
 from tasks import protocol
@@ -55,10 +54,7 @@ class Task:
     def records(self, problem: Any, method: str) -> list[Record]:
         """Every training record of one problem: the oracle's trace through the protocol."""
         if method == "retuning":
-            # The oracle's own trace is never cut short: limits are for models (addition's
-            # recursion is as deep as the problem is long, past solve's default of 64).
-            trace = protocol.solve(self.question(problem), lambda c: self.oracle(c, method),
-                                   max_depth=sys.maxsize, max_calls=sys.maxsize)
+            trace = protocol.solve(self.question(problem), lambda c: self.oracle(c, method))
             return trace.steps
         context = self.prompt(problem, method)
         return [(context, self.oracle(context, method))]

@@ -14,6 +14,7 @@ by construction. Example of one solve of ``"73199 + 21439"`` (two of its steps):
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,11 +53,9 @@ def find_call(completion: str) -> str | None:
     at = completion.rfind(CALL_TAG)
     if at < 0:
         return None
-    sub_question = completion[at + len(CALL_TAG):]
-    if not sub_question.endswith("\n"):
-        raise ProtocolError("malformed_call", repr(completion[at:]))
-    sub_question = sub_question[:-1]
-    if not sub_question.strip() or "\n" in sub_question:
+    line = completion[at + len(CALL_TAG):]
+    sub_question = line[:-1]
+    if not line.endswith("\n") or not sub_question.strip() or "\n" in sub_question:
         raise ProtocolError("malformed_call", repr(completion[at:]))
     return sub_question
 
@@ -103,12 +102,14 @@ class Trace:
     calls: int = 0
 
 
-def solve(question: str, generate: Callable[[str], str], max_depth: int = 64,
-          max_calls: int = 10_000) -> Trace:
+def solve(question: str, generate: Callable[[str], str], max_depth: int = sys.maxsize,
+          max_calls: int = sys.maxsize) -> Trace:
     """Solve ``question`` one generation at a time, recursing on each call (the reference recursion).
 
     ``generate(context) -> completion`` is a task's oracle (then the trace's steps are exactly the
-    problem's Re-Tuning training records) or a model. Raises ProtocolError on a broken limit.
+    problem's Re-Tuning training records) or a model. Raises ProtocolError on a broken limit; an
+    oracle's trace has none (addition recurses as deep as the problem is long), a model's
+    evaluation passes its own.
     """
     trace = Trace()
     # The open contexts, outermost first, each with the completion that made its call: a stack
