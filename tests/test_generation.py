@@ -107,6 +107,22 @@ def test_held_out_problems_are_not_trained(small, method):
         assert overlap[1] == meta["test_problems_per_length"]["1"] == 40
 
 
+def test_rare_untrained_problems_are_found_without_moving_other_lengths():
+    """Where 1 problem in 100 is untrained (the paper parity set at 16 bits: about 1 in 70), the
+    50 draws per wanted problem find about half of them; the search goes on in a stream of the
+    length's own, so the next length's problems are those it would have got with none found."""
+    parity = get_task("parity")
+    value = lambda bits: int("".join(map(str, bits)), 2)
+    rare = lambda bits: len(bits) == 14 and value(bits) % 100 != 0         # 164 of 16,384 untrained
+    none_left = lambda bits: len(bits) == 14                               # every 14-bit list trained
+    problems, in_training = pipeline.held_out_problems(parity, "small", 0, [14, 5], 10, rare)
+    assert in_training == Counter({14: 0, 5: 0})
+    assert len(problems) == 20 and len(set(problems)) == 20
+    assert all(value(bits) % 100 == 0 for bits in problems[:10])
+    filled, counted = pipeline.held_out_problems(parity, "small", 0, [14, 5], 10, none_left)
+    assert counted[14] == 10 and filled[10:] == problems[10:]
+
+
 def test_same_seed_same_bytes_other_seed_other_data(small, tmp_path):
     again, other = tmp_path / "again", tmp_path / "other"
     assert main(["--preset", "small", "--out-dir", str(again), "--test-per-length", "40", "--quiet"], "addition") == 0
