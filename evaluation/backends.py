@@ -23,10 +23,12 @@ A vLLM backend would implement ``generate`` the same way (its prefix cache does 
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from modeling import LinePositions
 
@@ -205,7 +207,8 @@ class HFBackend(Backend):
     Contexts are tokenized with no special tokens, sorted by length and cut into batches of
     ``batch_size`` rows; each batch is left padded (explicit attention mask, positions counted
     from each row's first real token) and decoded greedily (``temperature`` 0) or by sampling,
-    a row leaving the batch as soon as it writes EOS or reaches its ``max_new_tokens``.
+    a row leaving the batch as soon as it writes EOS or reaches its ``max_new_tokens``. A batch
+    that runs out of GPU memory is done again in halves, and later batches keep the smaller size.
 
     With ``reuse_cache``, a finished row's keys and values are kept under its request's ``key``;
     a later request naming it as ``parent`` reuses the longest common token prefix and encodes
@@ -287,10 +290,25 @@ class HFBackend(Backend):
 
         # Rows of about the same length share a batch: decoding attends over the longest row.
         rows.sort(key=lambda row: (len(row[1]), row[3]))
-        for start in range(0, len(rows), self.batch_size):
+        start = 0
+        while start < len(rows):
             batch = rows[start:start + self.batch_size]
-            for (index, *_), completion in zip(batch, self._generate_batch(batch, requests)):
+            try:
+                completions = self._generate_batch(batch, requests)
+            except torch.OutOfMemoryError:
+                # Long outputs (a 7B model's DP scratchpads, ~3,000 tokens per row) outgrow the
+                # cache a batch size was chosen for: halve it and go on, rather than lose the run.
+                if len(batch) == 1:
+                    raise
+                self.batch_size = max(1, min(self.batch_size // 2, len(batch) - 1))
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                tqdm.write(f"out of memory generating {len(batch)} contexts at once; "
+                           f"going on with batches of {self.batch_size}", file=sys.stderr)
+                continue
+            for (index, *_), completion in zip(batch, completions):
                 results[index] = completion
+            start += len(batch)
         return results
 
     # --- one batch ------------------------------------------------------------------------

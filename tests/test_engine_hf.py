@@ -41,6 +41,30 @@ def test_batched_greedy_equals_model_generate(random_model, batch_size):
     assert all(c.prompt_tokens == c.prompt_tokens_computed == len(ctx) for c, ctx in zip(batched, CONTEXTS))
 
 
+def test_a_batch_out_of_memory_is_done_again_in_halves(random_model, monkeypatch, capsys):
+    """A forward pass over more than 2 rows fails as a GPU out of memory would: the backend
+    goes on with batches of 2 and writes what batches of 2 write, kept caches included."""
+    model, tokenizer = random_model
+    requests = [Request(c, 10, key=i) for i, c in enumerate(CONTEXTS)]
+    reference = HFBackend(model, tokenizer, batch_size=2)
+    expected = reference.generate(requests)
+    forward = type(model).forward
+
+    def forward_for_two_rows(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", forward_for_two_rows)
+    backend = HFBackend(model, tokenizer, batch_size=8)
+    assert texts(backend.generate(requests)) == texts(expected)
+    assert backend.batch_size == 2
+    assert "6 contexts at once; going on with batches of 4" in capsys.readouterr().err
+    assert backend._cached_tokens == reference._cached_tokens
+    assert {key: entry.ids for key, entry in backend._cache.items()} == \
+        {key: entry.ids for key, entry in reference._cache.items()}
+
+
 def test_continuations_reuse_the_parent_cache_and_write_the_same_text(random_model):
     model, tokenizer = random_model
     backend = HFBackend(model, tokenizer, batch_size=4)
