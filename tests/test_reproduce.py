@@ -86,12 +86,16 @@ def test_a_rerun_with_other_settings_redoes_or_refuses_what_they_change_and_keep
     results = tmp_path / "results" / "addition" / "retuning" / "results.json"
     trained_at = model.stat().st_mtime_ns
 
-    # Another seed: its own run directory, and the results are of that run.
+    # Another seed: its own run directory and results folder; seed 0's results stay.
+    seed0_results = results.read_bytes()
     again = run_reproduce(tmp_path, "methods=[retuning]", "seed=1")
     assert "train.py" in again.stderr + again.stdout
     assert (tmp_path / "runs" / "addition_retuning_small_tiny_seed1" / "final" / "model.safetensors").exists()
-    settings = json.loads(results.read_text())["settings"]
+    seed1 = tmp_path / "results" / "addition_tiny_seed1"
+    settings = json.loads((seed1 / "retuning" / "results.json").read_text())["settings"]
     assert settings["seed"] == 1 and settings["run_dir"].endswith("_seed1")
+    assert "| Re-Tuning |" in (seed1 / "summary.md").read_text()
+    assert results.read_bytes() == seed0_results
 
     # Back to seed 0 with more problems per length: evaluated again, not trained again.
     again = run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
