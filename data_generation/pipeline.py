@@ -53,8 +53,8 @@ from tqdm import tqdm
 from tasks.base import Task
 
 # Bump when a training file's records change: reproduce.py then makes its data anew, and refuses
-# to resume a run trained on the old. (Version 1 also wrote every test file of the small presets
-# as now; the paper presets' differ where untrained problems are rare.)
+# to resume a run trained on the old. (Test files, which serve only the held-out loss, changed
+# without a bump where rare untrained problems came to be searched for: paper presets only.)
 GENERATOR_VERSION = 1
 TOKENIZER = ("character-level: one token per character of input and of output, plus one EOS "
              "token ending each output; tokens.max_input counts the input, tokens.max_output the "
