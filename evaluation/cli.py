@@ -203,10 +203,13 @@ def write_results(results: dict, out_dir: Path) -> None:
     from evaluation.plot import plot_accuracy
     out_dir.mkdir(parents=True, exist_ok=True)
     temporary = out_dir / "results.json.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(results, handle, indent=1)
-        handle.write("\n")
-    os.replace(temporary, out_dir / "results.json")
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(results, handle, indent=1)
+            handle.write("\n")
+        os.replace(temporary, out_dir / "results.json")
+    finally:  # a write that stopped half way leaves no temporary file behind
+        temporary.unlink(missing_ok=True)
     plot_accuracy([results], out_dir / "accuracy.png")
 
 

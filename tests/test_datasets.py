@@ -65,10 +65,21 @@ def test_jsonl_is_read_and_a_bad_line_is_named(tmp_path):
     path.write_text('{"input": "a", "output": "b"}\n\n{"input": "c", "output": "d"}\n')
     assert read_records(str(path)) == [("a", "b"), ("c", "d")]
     path.write_text('{"input": "a", "output": "b"}\n{"input": \n')
-    with pytest.raises(DatasetError, match="line 2 is not JSON"):
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: line 2 is not JSON")):
         read_records(str(path))
-    with pytest.raises(DatasetError, match="cannot read"):
-        read_records(str(tmp_path / "missing.json"))
+    missing = tmp_path / "missing.json"
+    with pytest.raises(DatasetError, match=re.escape(f"{missing}: cannot read")):
+        read_records(str(missing))
+
+
+def test_a_malformed_meta_file_is_named(tmp_path):
+    """A dataset's _meta.json is read for the run's data_meta.json: a broken one names itself."""
+    train = write_dataset(tmp_path, "x", [{"input": "a", "output": "b"}])
+    meta = tmp_path / "x_meta.json"
+    for content, message in [("{not json", "not JSON"), ("[1, 2]", "expected a JSON object")]:
+        meta.write_text(content)
+        with pytest.raises(DatasetError, match=re.escape(f"{meta}: {message}")):
+            dataset_meta([train])
 
 
 def test_sibling_files_and_metadata(tmp_path):

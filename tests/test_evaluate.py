@@ -12,7 +12,7 @@ from evaluation import cli, plot
 from evaluation.backends import HFBackend
 from evaluation.engine import LimitRules, run_engine, sample_problems
 from evaluation.quick_model import cached_quick_model
-from modeling import FROM_SCRATCH_BASE_PATH, add_lora, build_char_tokenizer, build_tiny_model
+from modeling import FROM_SCRATCH_BASE_PATH, add_lora, build_char_tokenizer, build_tiny_model, load_checkpoint
 from tasks import get_task, parse_lengths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,6 +160,65 @@ def test_evaluate_a_lora_step_checkpoint(parity_run, tmp_path):
     assert results["settings"]["train_lengths"] == [1, 2, 3, 4]
 
 
+def traces_of(problems):
+    return [[(step["depth"], step["context"], step["completion"]) for step in problem["trace"]] for problem in problems]
+
+
+def test_temperature_and_seed_reach_the_models_backend(parity_run, tmp_path):
+    """``--temperature 1 --seed 1`` decodes as an HFBackend sampling with seed 1 does, on the
+    problems seed 1 draws: the same answers as that backend, which are not the greedy ones."""
+    run, _, _ = parity_run
+    flags = ["--checkpoint", str(run), "--lengths", "3,6", "--samples", "4", "--batch-size", "8",
+             "--max-new-tokens", "20", "--quiet"]
+    results = cli.main("parity", flags + ["--temperature", "1", "--seed", "1", "--out", str(tmp_path / "t1")])
+    assert results["settings"]["temperature"] == 1.0 and results["settings"]["seed"] == 1
+
+    task = get_task("parity")
+    model, tokenizer = load_checkpoint(str(run / "final"))
+    problems = sample_problems(task, [3, 6], 4, seed=1)
+    rules = LimitRules(**{**cli.load_eval_config("parity")["limits"], "new_tokens_fixed": 20})
+
+    def solve(temperature):
+        backend = HFBackend(model.eval(), tokenizer, batch_size=8, temperature=temperature, seed=1)
+        solved = run_engine(backend, task, "retuning", problems,
+                            lambda p: rules.for_problem(task, "retuning", p, backend), progress=False)
+        return [[(s.depth, s.context, s.completion) for s in r.trace] for r in solved]
+
+    sampled = solve(1.0)
+    assert traces_of(results["problems"]) == sampled
+    assert sampled != solve(0.0)  # so a command that decoded greedily would have been told apart
+
+
+def test_no_kv_reuse_encodes_every_prompt_whole_and_writes_the_same_text(parity_run, tmp_path):
+    run, _, _ = parity_run
+    flags = ["--checkpoint", str(run), "--lengths", "3,5", "--samples", "2", "--quiet"]
+    reused = cli.main("parity", flags + ["--out", str(tmp_path / "reused")])
+    whole = cli.main("parity", flags + ["--no-kv-reuse", "--out", str(tmp_path / "whole")])
+    assert traces_of(whole["problems"]) == traces_of(reused["problems"])
+    assert whole["settings"]["kv_reuse"] is False and reused["settings"]["kv_reuse"] is True
+    assert whole["summary"]["prompt_tokens_computed"] == whole["summary"]["prompt_tokens"]
+    assert reused["summary"]["prompt_tokens_computed"] < reused["summary"]["prompt_tokens"]
+
+
+def test_an_interrupted_write_leaves_the_previous_results_whole(tmp_path, monkeypatch):
+    """results.json is written under a temporary name and renamed: a write that stops half way
+    (Ctrl-C, a full disk) leaves the results that were there, and no temporary file."""
+    out = tmp_path / "results"
+    flags = ["--oracle", "--method", "baseline", "--samples", "1", "--out", str(out), "--quiet"]
+    cli.main("parity", flags + ["--lengths", "2"])
+    before = (out / "results.json").read_text()
+
+    def dump_half_then_stop(value, handle, **kwargs):
+        handle.write(json.dumps(value)[:40])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.json, "dump", dump_half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main("parity", flags + ["--lengths", "3"])
+    assert (out / "results.json").read_text() == before
+    assert sorted(os.listdir(out)) == ["accuracy.png", "results.json"]
+
+
 def test_script_runs_from_any_directory_with_the_oracle(tmp_path):
     out = tmp_path / "oracle"
     completed = subprocess.run(
@@ -235,6 +294,34 @@ def test_plot_overlays_several_results(tmp_path, capsys):
             plot.main(dirs + ["-o", str(bad)])
         assert f"-o {bad}: cannot write the image" in capsys.readouterr().err
     assert image.read_bytes() == drawn and sorted(os.listdir(image.parent)) == ["parity.png"]
+
+
+def test_the_figure_draws_each_accuracy_at_its_length_and_shades_the_trained_lengths(tmp_path, monkeypatch):
+    """One line per results, labelled by method: accuracy in percent at each length, lengths in
+    numeric order ("10" after "3"); the trained span shaded once, from 0.5 below to 0.5 above."""
+    close, figures = plot.plt.close, []
+    monkeypatch.setattr(plot.plt, "close", figures.append)  # keep the figure to read it back
+
+    def results(method, accuracy):
+        return {"task": "parity", "method": method, "settings": {"train_lengths": [1, 2, 3]},
+                "lengths": {str(n): {"accuracy": a} for n, a in accuracy.items()}}
+
+    plot.plot_accuracy([results("baseline", {10: 0.0, 2: 1.0, 3: 0.5}),
+                        results("retuning", {2: 1.0, 3: 1.0, 10: 0.95})], tmp_path / "figure.png")
+    (figure,) = figures
+    try:
+        (axes,) = figure.axes
+        lines = axes.get_lines()
+        assert [line.get_label() for line in lines] == ["Baseline", "Re-Tuning"]
+        assert [list(line.get_xdata()) for line in lines] == [[2, 3, 10], [2, 3, 10]]
+        assert [list(line.get_ydata()) for line in lines] == [[100.0, 50.0, 0.0], [100.0, 100.0, 95.0]]
+        (span,) = axes.patches
+        assert (span.get_x(), span.get_x() + span.get_width()) == (0.5, 3.5)
+        assert span.get_label() == "trained lengths"
+        assert axes.get_title() == "parity: accuracy by problem length"
+    finally:
+        close(figure)
+    assert (tmp_path / "figure.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_a_warning_where_the_limits_stop_even_the_oracle(tmp_path, capsys):

@@ -158,7 +158,14 @@ def test_limited_preset_and_lengths_flag(tmp_path):
                  "--out-dir", str(tmp_path), "--quiet", "--test-per-length", "5"], "addition") == 0
     meta = load(str(tmp_path), "addition", "retuning", "small", "meta")
     assert meta["requested_lengths"] == [2, 3, 5] and meta["train_lengths"] == [1, 2, 3, 4, 5]
-    assert load(str(tmp_path), "addition", "baseline", "small", "meta")["train_lengths"] in ([2, 3, 5], [2, 3, 4, 5])
+    # The baseline's trained lengths are those of its problems: a cell's operand may reach
+    # 10^j (the paper's inclusive draw), one digit longer than asked.
+    baseline = load(str(tmp_path), "addition", "baseline", "small", "meta")
+    drawn = Counter(len(question_of("baseline", r["input"]).split(" + ")[0])
+                    for r in load(str(tmp_path), "addition", "baseline", "small", "train"))
+    assert baseline["train_lengths"] == sorted(drawn) and baseline["records_per_length"] == {
+        str(n): drawn[n] for n in sorted(drawn)}
+    assert {2, 3, 5} <= set(drawn) <= {2, 3, 4, 5, 6}
 
 
 def test_paper_baseline_has_304000_records(tmp_path):
@@ -234,6 +241,23 @@ def test_interrupted_run_leaves_old_files_and_no_temporaries(tmp_path, monkeypat
     assert {name: read(tmp_path / name) for name in os.listdir(tmp_path)} == before  # no .tmp either
 
 
+def test_the_meta_file_is_renamed_into_place_last(tmp_path, monkeypatch):
+    """A meta file means its train and test files are complete: a run stopped while renaming
+    them into place leaves no meta file, and no temporaries."""
+    task, renamed, replace = get_task("addition"), [], os.replace
+
+    def stop_at_the_second_rename(source, target):
+        if renamed:
+            raise KeyboardInterrupt
+        replace(source, target)
+        renamed.append(os.path.basename(target))
+
+    monkeypatch.setattr(pipeline.os, "replace", stop_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate(task, "baseline", "small", 0, str(tmp_path), [1, 2], 3, progress=False)
+    assert renamed == ["addition_baseline_small_train.json"] and os.listdir(tmp_path) == renamed
+
+
 def test_a_killed_script_leaves_no_temporaries(tmp_path):
     """SIGTERM (``kill``, a job scheduler) unwinds as Ctrl-C does: the .tmp file being written goes."""
     import signal
@@ -264,17 +288,26 @@ def test_other_tasks_generate_through_the_same_pipeline(task_name, tmp_path):
     if task_name not in task_names():
         pytest.skip(f"tasks/{task_name}.py has not landed yet")
     task = get_task(task_name)
-    result = run_script(task_name, "--preset", "small", "--methods", "retuning,baseline",
-                        "--out-dir", str(tmp_path), "--test-per-length", "5", "--seed", "2")
+    args = ["--preset", "small", "--methods", "retuning,baseline", "--test-per-length", "5", "--seed", "2"]
+    result = run_script(task_name, *args, "--out-dir", str(tmp_path / "first"))
     assert result.returncode == 0, result.stderr
+    folder = str(tmp_path / "first")
     for method in ("retuning", "baseline"):
-        train = load(str(tmp_path), task_name, method, "small", "train")
-        meta = load(str(tmp_path), task_name, method, "small", "meta")
-        assert meta["n_train"] == len(train) and meta["n_test"] == len(load(str(tmp_path), task_name, method, "small", "test"))
+        train = load(folder, task_name, method, "small", "train")
+        meta = load(folder, task_name, method, "small", "meta")
+        assert meta["n_train"] == len(train) and meta["n_test"] == len(load(folder, task_name, method, "small", "test"))
         assert meta["chars"]["total"] == sum(len(r["input"]) + len(r["output"]) for r in train)
         for row in train[::max(1, len(train) // 300)]:  # each record is what the oracle writes there
             assert task.oracle(row["input"], method) == row["output"]
         if method == "retuning":
-            inputs = [r["input"] for r in train]
-            assert len(set(inputs)) < len(inputs) or meta["deduplicated"]
-            assert all(protocol.SOLUTION_CUE in i for i in inputs[:100])
+            # De-duplicated, then each distinct input written as many times as the preset weighs
+            # it (the small presets' weights draw nothing): x100 for a DP base case, for instance.
+            copies = Counter(r["input"] for r in train)
+            assert meta["deduplicated"] and max(copies.values()) > 1
+            assert all(count == task.retuning_copies(record_input, "small", None)
+                       for record_input, count in copies.items())
+            assert all(protocol.SOLUTION_CUE in i for i in list(copies)[:100])
+    # Same seed, same bytes, from another process (the script above, this one here).
+    assert main([*args, "--out-dir", str(tmp_path / "again"), "--quiet"], task_name) == 0
+    for name in os.listdir(folder):
+        assert read(os.path.join(folder, name)) == read(tmp_path / "again" / name), name

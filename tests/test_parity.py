@@ -132,12 +132,14 @@ def test_paper_baseline_and_scratchpad_counts(method):
     copies = collections.Counter(map(len, problems))
     repeats = {1: 60, 2: 60, 3: 60, 4: 20, 5: 10, 9: 10, 10: 4, 14: 4, 15: 1, 21: 1}
     assert all(copies[n] == distinct[n] * r for n, r in repeats.items())
+    assert problems == list(task.training_problems(method, "paper", random.Random(0)))  # seeded: same lists
     assert problems != list(task.training_problems(method, "paper", random.Random(1)))
 
 
 def test_paper_retuning_counts_and_expected_size():
     problems = list(task.training_problems("retuning", "paper", random.Random(0)))
     assert len(problems) == len(set(problems)) == 250_000
+    assert problems == list(task.training_problems("retuning", "paper", random.Random(0)))  # seeded
     assert {len(bits) for bits in problems} == {21}
     assert len(task.records(problems[0], "retuning")) == 41  # 250,000 x 41 = 10,250,000 raw
     # A length-L suffix gives 2 distinct inputs (call and combine), length 1 gives one.

@@ -138,14 +138,23 @@ def test_a_killed_reproduction_stops_its_children_and_a_rerun_finishes_it(tmp_pa
             f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", *longer, "methods=[retuning]"]
     run_dir = tmp_path / "runs" / "addition_retuning_small_tiny_seed0"
     parent = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = lambda: [p for p in run_dir.glob("step-*") if re.fullmatch(r"step-\d+", p.name)]  # noqa: E731
     deadline = time.time() + 120
-    while not list(run_dir.glob("step-*")) and time.time() < deadline:  # training, a checkpoint written
+    while not checkpoints() and time.time() < deadline:  # training, a checkpoint written (not staged)
         time.sleep(0.2)
+    assert checkpoints(), "no checkpoint within 120 s"
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=60) == 128 + signal.SIGTERM
     time.sleep(1)
-    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path).encode() in
-                open(f"/proc/{pid}/cmdline", "rb").read()]
+
+    def command_line(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                return handle.read()
+        except OSError:  # the process ended after it was listed (other jobs run on the machine)
+            return b""
+
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path).encode() in command_line(pid)]
     assert children == [] and not (run_dir / "final").exists()
     stretch = json.loads((run_dir / "reproduce_stats.json").read_text())["train_wall_s"]
     assert stretch > 0

@@ -439,6 +439,80 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, dat
         assert_same_weights(weights(f"{whole}/final"), weights(f"{different}/final"), exact=True)
 
 
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, dataset, monkeypatch):
+    """A kill half way through writing step-6/ leaves step-3/ and a half-written staging folder;
+    resuming starts from step-3, writes step-6/ over that folder, and ends with the weights of
+    an uninterrupted run."""
+    overrides = ["save_every=24", "eval_every=24", "model.llama_config.attention_dropout=0.2"]
+    whole = run(config(tmp_path, dataset, *overrides, name="whole"))
+    write_weights = trainers.save_model
+
+    def killed_while_writing_step_6(model, directory):
+        write_weights(model, directory)
+        if os.path.basename(directory) == "step-6.tmp":
+            raise KeyboardInterrupt("killed")  # the weights are written, the optimizer state is not
+
+    monkeypatch.setattr(trainers, "save_model", killed_while_writing_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path, dataset, *overrides, name="killed"))
+    monkeypatch.setattr(trainers, "save_model", write_weights)
+    killed = tmp_path / "killed"
+    assert sorted(name for name in os.listdir(killed) if name.startswith("step-")) == ["step-3", "step-6.tmp"]
+    assert trainers.latest_checkpoint(str(killed))[0] == str(killed / "step-3")
+
+    resumed = run(config(tmp_path, dataset, *overrides, f"resume={killed}"))
+    assert_same_weights(weights(f"{whole}/final"), weights(f"{resumed}/final"), exact=True)
+    assert sorted(os.listdir(killed)) == ["config.yaml", "data_meta.json", "final", "metrics.jsonl", "step-3", "step-6"]
+
+
+def test_keep_checkpoints_leaves_only_the_newest_checkpoints(tmp_path, dataset, monkeypatch):
+    """keep_checkpoints=2: after every save only the two newest checkpoints are left, final/
+    counting as one and never removed; null (the default) keeps every one."""
+    save, seen = trainers.Trainer.save, []
+
+    def save_and_look(self, name, step):
+        save(self, name, step)
+        seen.append(sorted(name for name in os.listdir(self.run_dir) if name.startswith("step-") or name == "final"))
+
+    monkeypatch.setattr(trainers.Trainer, "save", save_and_look)
+    run(config(tmp_path, dataset, "save_every=8", "eval_every=0", "keep_checkpoints=2", name="kept"))  # each step
+    assert seen == [["step-1"]] + [[f"step-{n - 1}", f"step-{n}"] for n in range(2, 8)] + [["final", "step-7"]]
+    seen.clear()
+    run(config(tmp_path, dataset, "save_every=8", "eval_every=0", name="all"))
+    assert seen[-1] == ["final"] + [f"step-{n}" for n in range(1, 8)]
+
+
+def test_atomic_writes_leave_the_old_file_whole_when_stopped_half_way(tmp_path, monkeypatch):
+    """config.yaml, trainer_state.json and the optimizer state go through a temporary file: a
+    write stopped half way (a kill, a full disk) leaves the old file as it was, and no temporary."""
+    path = tmp_path / "config.yaml"
+    utils.atomic_write_text(str(path), "lr: 0.001\n")
+
+    def stop(descriptor):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(utils.os, "fsync", stop)  # the new text written, not yet renamed
+        with pytest.raises(KeyboardInterrupt):
+            utils.atomic_write_text(str(path), "lr: 0.005\n")
+    assert path.read_text() == "lr: 0.001\n" and os.listdir(tmp_path) == ["config.yaml"]
+
+    state = tmp_path / "optimizer.pt"
+    utils.atomic_torch_save({"step": torch.tensor(3)}, str(state))
+
+    def save_half(value, file):
+        with open(file, "wb") as handle:
+            handle.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(utils.torch, "save", save_half)
+        with pytest.raises(KeyboardInterrupt):
+            utils.atomic_torch_save({"step": torch.tensor(6)}, str(state))
+    assert int(torch.load(state, weights_only=True)["step"]) == 3
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "optimizer.pt"]
+
+
 def test_lora_run_saves_an_adapter_with_its_base_beside_it(tmp_path, dataset):
     run_dir = run(config(tmp_path, dataset, "lora.enabled=true", "lora.lora_r=4", "lora.lora_alpha=8",
                          "n_examples=16", "eval_every=0", "lr=0.01"))
