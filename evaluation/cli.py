@@ -21,6 +21,7 @@ from pathlib import Path
 
 from evaluation.engine import LimitRules, evaluate, format_trace
 from tasks import METHODS, get_task, parse_lengths
+from utils import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config" / "evaluation"
@@ -201,15 +202,7 @@ def model_backend(checkpoint_dir: Path, device: str, dtype: str, batch_size: int
 def write_results(results: dict, out_dir: Path) -> None:
     """``results.json`` and ``accuracy.png`` in ``out_dir``, each written whole or not at all."""
     from evaluation.plot import plot_accuracy
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir / "results.json.tmp"
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(results, handle, indent=1)
-            handle.write("\n")
-        os.replace(temporary, out_dir / "results.json")
-    finally:  # a write that stopped half way leaves no temporary file behind
-        temporary.unlink(missing_ok=True)
+    atomic_write_text(str(out_dir / "results.json"), json.dumps(results, indent=1) + "\n")
     plot_accuracy([results], out_dir / "accuracy.png")
 
 
