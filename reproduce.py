@@ -55,18 +55,21 @@ def task_settings(cfg: DictConfig, task_name: str) -> tuple[str, DictConfig]:
 
 
 def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, settings: DictConfig) -> str:
-    """The dataset's training file, generated unless a complete one with these settings exists."""
+    """The dataset's training file, generated unless a complete one with these settings exists:
+    in ``data/`` for seed 0, in ``data/seed<seed>/`` for another, so that reproductions of two
+    seeds at once never write the files the other trains on."""
     task = get_task(task_name)
     names = file_names(task, method, preset)
-    train_path, meta_path = (os.path.join(cfg.data_dir, names[split]) for split in ("train", "meta"))
+    folder = cfg.data_dir if cfg.seed == 0 else os.path.join(cfg.data_dir, f"seed{cfg.seed}")
+    train_path, meta_path = (os.path.join(folder, names[split]) for split in ("train", "meta"))
     lengths = parse_lengths(settings.lengths) if settings.lengths else None
     if os.path.exists(meta_path):  # the meta file is written last: its presence means complete
         meta = data_meta(train_path)
         if (meta.get("seed"), meta.get("requested_lengths"), meta.get("generator_version")) == (
                 cfg.seed, lengths, GENERATOR_VERSION):
             return train_path
-    os.makedirs(cfg.data_dir, exist_ok=True)
-    generate(task, method, preset, cfg.seed, cfg.data_dir, lengths)
+    os.makedirs(folder, exist_ok=True)
+    generate(task, method, preset, cfg.seed, folder, lengths)
     return train_path
 
 

@@ -206,8 +206,16 @@ def test_data_of_another_seed_or_generator_version_is_made_anew(tmp_path):
     make_data(cfg, "parity", "baseline", "small", settings)
     assert json.loads(meta_path.read_text()) == first  # an older generator's data: made anew
 
-    make_data(OmegaConf.create({"data_dir": str(tmp_path), "seed": 1}), "parity", "baseline", "small", settings)
-    assert json.loads(meta_path.read_text())["seed"] == 1
+    meta_path.write_text(json.dumps({**first, "seed": 3}))
+    make_data(cfg, "parity", "baseline", "small", settings)
+    assert json.loads(meta_path.read_text()) == first  # another seed's data in seed 0's place: anew
+
+    # Another seed's data go to a folder of their own: seed 0's stay as they are.
+    seed1_path = make_data(OmegaConf.create({"data_dir": str(tmp_path), "seed": 1}), "parity", "baseline",
+                           "small", settings)
+    assert seed1_path == str(tmp_path / "seed1" / "parity_baseline_small_train.json")
+    assert json.loads((tmp_path / "seed1" / "parity_baseline_small_meta.json").read_text())["seed"] == 1
+    assert json.loads(meta_path.read_text()) == first
 
 
 def test_a_token_budget_gives_batches_that_split_into_the_models_accumulation_steps():
