@@ -4,6 +4,10 @@
 
 Each argument is a results directory (holding ``results.json``) or a results.json file. Lines are
 labelled by method (``--labels`` overrides); the lengths each model was trained on are shaded.
+``--pool`` draws one line per task and method instead, the accuracy pooled over the runs given
+(seeds, say) with the lowest and highest run shaded around it:
+
+    python evaluation/plot.py --pool results/addition*/retuning results/addition*/baseline -o seeds.png
 """
 from __future__ import annotations
 
@@ -38,6 +42,26 @@ def load_results(path: str | os.PathLike) -> dict:
     return results
 
 
+def pooled_by_method(all_results: list[dict]) -> list[dict]:
+    """One results dict per (task, method), in order of first appearance: at each length the
+    problems of every run pooled (``correct`` and ``problems`` summed), and the lowest and highest
+    run's accuracy as ``low`` and ``high``; ``runs`` counts the runs pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for results in all_results:
+        groups.setdefault((results.get("task"), results.get("method")), []).append(results)
+    pooled = []
+    for (task, method), runs in groups.items():
+        lengths = {}
+        for n in sorted({n for run in runs for n in run["lengths"]}, key=int):
+            rows = [run["lengths"][n] for run in runs if n in run["lengths"]]
+            correct, problems = sum(r["correct"] for r in rows), sum(r["problems"] for r in rows)
+            lengths[n] = {"correct": correct, "problems": problems, "accuracy": correct / problems,
+                          "low": min(r["accuracy"] for r in rows), "high": max(r["accuracy"] for r in rows)}
+        pooled.append({"task": task, "method": method, "runs": len(runs), "lengths": lengths,
+                       "settings": runs[0].get("settings", {})})
+    return pooled
+
+
 def _trained_span(results: dict) -> tuple[int, int] | None:
     lengths = results.get("settings", {}).get("train_lengths")
     return (min(lengths), max(lengths)) if lengths else None
@@ -61,9 +85,15 @@ def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: 
     for index, results in enumerate(all_results):
         lengths = sorted(results["lengths"], key=int)
         label = labels[index] if labels else METHOD_NAMES.get(results.get("method"), results.get("method"))
+        if results.get("runs", 1) > 1:
+            label = f"{label} ({results['runs']} runs)"
         marker, dash = styles[index % len(styles)]
-        axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
-                  marker=marker, markersize=4, linestyle=dash, fillstyle="none", label=label)
+        line, = axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
+                          marker=marker, markersize=4, linestyle=dash, fillstyle="none", label=label)
+        if results.get("runs", 1) > 1:  # pooled runs: the lowest and highest of them around the line
+            axes.fill_between([int(n) for n in lengths], [100 * results["lengths"][n]["low"] for n in lengths],
+                              [100 * results["lengths"][n]["high"] for n in lengths],
+                              color=line.get_color(), alpha=0.15, linewidth=0)
     first = all_results[0]
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole numbers
     axes.set_xlabel(first.get("settings", {}).get("length_label") or "problem length")
@@ -90,10 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--out", required=True, help="the image to write, e.g. addition.png")
     parser.add_argument("--labels", nargs="+", help="one legend label per results (default: method)")
     parser.add_argument("--title")
+    parser.add_argument("--pool", action="store_true",
+                        help="one line per task and method: the runs given pooled, lowest to highest shaded")
     args = parser.parse_args(argv)
-    if args.labels and len(args.labels) != len(args.results):
-        parser.error(f"--labels has {len(args.labels)} labels for {len(args.results)} results")
     all_results = [load_results(path) for path in args.results]
+    if args.pool:
+        all_results = pooled_by_method(all_results)
+    if args.labels and len(args.labels) != len(all_results):
+        parser.error(f"--labels has {len(args.labels)} labels for {len(all_results)} lines")
     tasks = {results.get("task") for results in all_results}
     if len(tasks) > 1:
         print(f"warning: overlaying different tasks: {', '.join(sorted(map(str, tasks)))}", file=sys.stderr)

@@ -323,6 +323,36 @@ def test_the_figure_draws_each_accuracy_at_its_length_and_shades_the_trained_len
     assert (tmp_path / "figure.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_pooled_seeds_draw_one_line_per_method_with_their_range(tmp_path, monkeypatch):
+    """--pool: the runs of one method (three seeds) become one line at the pooled accuracy, the
+    lowest and highest seed shaded around it, labelled with how many runs it pools."""
+    close, figures = plot.plt.close, []
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    paths = []
+    for seed, (method, correct) in enumerate([("retuning", [20, 19]), ("retuning", [20, 10]),
+                                              ("baseline", [5, 0]), ("retuning", [17, 16])]):
+        rows = {str(n): {"correct": c, "problems": 20, "accuracy": c / 20} for n, c in zip((7, 12), correct)}
+        path = tmp_path / f"{method}_seed{seed}.json"
+        path.write_text(json.dumps({"task": "addition", "method": method, "lengths": rows,
+                                    "settings": {"train_lengths": [1, 6]}}))
+        paths.append(str(path))
+    plot.main(["--pool", *paths, "-o", str(tmp_path / "seeds.png")])
+    (figure,) = figures
+    try:
+        (axes,) = figure.axes
+        lines = axes.get_lines()
+        assert [line.get_label() for line in lines] == ["Re-Tuning (3 runs)", "Baseline"]
+        assert list(lines[0].get_ydata()) == [pytest.approx(100 * 57 / 60), pytest.approx(100 * 45 / 60)]
+        assert list(lines[1].get_ydata()) == [25.0, 0.0]
+        (band,) = axes.collections  # the single baseline run gets none
+        corners = band.get_paths()[0].vertices
+        assert {(x, y) for x, y in corners} >= {(7, 85.0), (7, 100.0), (12, 50.0), (12, 95.0)}
+    finally:
+        close(figure)
+    with pytest.raises(SystemExit):  # a label per line drawn, not per file given
+        plot.main(["--pool", *paths, "-o", str(tmp_path / "x.png"), "--labels", "a", "b", "c", "d"])
+
+
 def test_a_warning_where_the_limits_stop_even_the_oracle(tmp_path, capsys):
     # SPEC's fixed depth of 35 for DP: no model can solve a list of 36 items under it.
     cli.main("dp", ["--oracle", "--method", "retuning", "--lengths", "35", "--samples", "1",
