@@ -214,10 +214,11 @@ def held_out_problems(task: Task, preset: str, seed: int, lengths: Iterable[int]
                       trained) -> tuple[list[Any], Counter]:
     """``per_length`` distinct problems of each length from ``task.sample``, none ``trained``
     where the problem space allows. A length whose untrained problems are too rare to be found in
-    ``TEST_ATTEMPTS_PER_PROBLEM`` draws per wanted problem (1,089 of the 65,536 16-bit lists for
-    the paper's parity set) searches on in a stream of its own until that many draws in a row bring
-    no problem it has not seen; one still short (all 81 one-digit additions are trained) is
-    filled up with trained problems, which the second value counts per length."""
+    ``TEST_ATTEMPTS_PER_PROBLEM`` draws per wanted problem (1,089 of the 65,536 16-bit lists and
+    11 of the 32,768 15-bit ones for the paper's parity Re-Tuning set) searches on in a stream of
+    its own until that many draws in a row bring no problem it has not seen; one still short
+    (all 81 one-digit additions are trained) is filled up with trained problems, which the
+    second value counts per length."""
     rng = stream(task, preset, seed, "test")
     problems, in_training = [], Counter()
     for n in lengths:
