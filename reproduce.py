@@ -8,7 +8,8 @@ train a model on each, evaluate each in and beyond the trained lengths, and comp
 Writes, per task, ``results/<task>/comparison.png`` (accuracy by length, one line per method,
 trained lengths shaded), ``results/<task>/summary.md`` (accuracy in and beyond the trained lengths,
 training tokens, time and peak memory per method) and ``results/<task>/<method>/results.json``;
-another model or seed than the default's writes to ``results/<task>_<model>_seed<seed>/``.
+another preset, model or seed than the default's writes to
+``results/<task>_<preset>_<model>_seed<seed>/``.
 Every step writes its outputs whole or not at all, and a step whose outputs exist is skipped, so
 an interrupted run picks up where it stopped (an interrupted training resumes from its last
 checkpoint). Trainings and evaluations run as child processes (``train.py`` and
@@ -388,12 +389,12 @@ def parallel_jobs(cfg: DictConfig) -> int:
     return max(1, min(len(cfg.methods), os.cpu_count() or 1)) if cfg.model == "tiny" else 1
 
 
-def results_folder(cfg: DictConfig, name: str) -> str:
-    """``results/addition`` for the default (the tiny model, seed 0), else one of its own, so
-    that other seeds and models keep theirs beside it: ``results/addition_tiny_seed1``,
-    ``results/parity_llama7b_seed0``."""
-    default = cfg.model == "tiny" and cfg.seed == 0
-    return os.path.join(cfg.results_dir, name if default else f"{name}_{cfg.model}_seed{cfg.seed}")
+def results_folder(cfg: DictConfig, name: str, preset: str) -> str:
+    """``results/addition`` for the default (the tiny model on the small preset, seed 0), else
+    one of its own, so that other seeds and models keep theirs beside it:
+    ``results/addition_small_tiny_seed1``, ``results/parity_paper_llama7b_seed0``."""
+    default = (preset, cfg.model, cfg.seed) == ("small", "tiny", 0)
+    return os.path.join(cfg.results_dir, name if default else f"{name}_{preset}_{cfg.model}_seed{cfg.seed}")
 
 
 def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, settings: DictConfig,
@@ -401,7 +402,7 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
     """One method's training and evaluation; with several jobs at once their output goes to
     ``results/<task>/<method>/{train,eval}.log`` instead of the console."""
     run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}_seed{cfg.seed}")
-    out_dir = os.path.join(results_folder(cfg, name), method)
+    out_dir = os.path.join(results_folder(cfg, name, preset), method)
     os.makedirs(out_dir, exist_ok=True)
     log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -464,7 +465,7 @@ def reproduce(cfg: DictConfig) -> None:
             pool.shutdown(cancel_futures=True)
         results = {method: outcome[0] for method, outcome in outcomes.items()}
         costs = {method: outcome[1] for method, outcome in outcomes.items()}
-        out = results_folder(cfg, name)
+        out = results_folder(cfg, name, preset)
         plot_accuracy(list(results.values()), os.path.join(out, "comparison.png"),
                       labels=[METHOD_NAMES.get(m, m) for m in results],
                       title=f"{name}: accuracy by problem length ({cfg.model} model)")

@@ -91,7 +91,7 @@ def test_a_rerun_with_other_settings_redoes_or_refuses_what_they_change_and_keep
     again = run_reproduce(tmp_path, "methods=[retuning]", "seed=1")
     assert "train.py" in again.stderr + again.stdout
     assert (tmp_path / "runs" / "addition_retuning_small_tiny_seed1" / "final" / "model.safetensors").exists()
-    seed1 = tmp_path / "results" / "addition_tiny_seed1"
+    seed1 = tmp_path / "results" / "addition_small_tiny_seed1"
     settings = json.loads((seed1 / "retuning" / "results.json").read_text())["settings"]
     assert settings["seed"] == 1 and settings["run_dir"].endswith("_seed1")
     assert "| Re-Tuning |" in (seed1 / "summary.md").read_text()
