@@ -315,7 +315,7 @@ def gpu_memory(cost: dict) -> str:
 
 
 def summary_markdown(task_name: str, preset: str, model: str, results: dict[str, dict],
-                     costs: dict[str, dict]) -> str:
+                     costs: dict[str, dict], earlier: list[str] = ()) -> str:
     """The comparison table of one task, e.g.::
 
         | method | trained lengths 1-8 | beyond (9-24) | at 24 | tokens trained | ... |
@@ -352,6 +352,10 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
               "of each column; tokens trained = records trained x mean tokens per record of the data. "
               "Peak memory is the training process's peak resident set size (MB), after its peak GPU "
               "memory where it trained on a GPU.", ""]
+    if earlier:
+        lines += [f"{', '.join(METHOD_NAMES.get(m, m) for m in earlier)}: not run this time (not in "
+                  "`methods`); the results and training of an earlier run with this seed and these "
+                  "evaluation settings.", ""]
     return "\n".join(lines)
 
 
@@ -389,6 +393,11 @@ def parallel_jobs(cfg: DictConfig) -> int:
     return max(1, min(len(cfg.methods), os.cpu_count() or 1)) if cfg.model == "tiny" else 1
 
 
+def run_folder(cfg: DictConfig, name: str, method: str, preset: str) -> str:
+    """``runs/addition_retuning_small_tiny_seed0``: one method's training."""
+    return os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}_seed{cfg.seed}")
+
+
 def results_folder(cfg: DictConfig, name: str, preset: str) -> str:
     """``results/addition`` for the default (the tiny model on the small preset, seed 0), else
     one of its own, so that other seeds and models keep theirs beside it:
@@ -397,11 +406,28 @@ def results_folder(cfg: DictConfig, name: str, preset: str) -> str:
     return os.path.join(cfg.results_dir, name if default else f"{name}_{preset}_{cfg.model}_seed{cfg.seed}")
 
 
+def earlier_results(cfg: DictConfig, name: str, preset: str, settings: DictConfig) -> dict[str, tuple]:
+    """Results and training cost of the methods not asked for this time whose finished run and
+    evaluation (these evaluation settings, this seed) are already there, so that
+    ``methods=[retuning]`` after a whole reproduction still compares all three."""
+    found = {}
+    for method in METHODS:
+        run_dir = run_folder(cfg, name, method, preset)
+        results_path = os.path.join(results_folder(cfg, name, preset), method, "results.json")
+        if method in cfg.methods or not (os.path.exists(results_path) and
+                                         os.path.isdir(os.path.join(run_dir, "final"))):
+            continue
+        results = load_results(results_path)
+        if results_answer(results, method, run_dir, cfg.seed, settings):
+            found[method] = (results, training_cost(run_dir))
+    return found
+
+
 def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, settings: DictConfig,
                        train_path: str, jobs: int, steps: tqdm) -> tuple[dict, dict]:
     """One method's training and evaluation; with several jobs at once their output goes to
     ``results/<task>/<method>/{train,eval}.log`` instead of the console."""
-    run_dir = os.path.join(cfg.runs_dir, f"{name}_{method}_{preset}_{cfg.model}_seed{cfg.seed}")
+    run_dir = run_folder(cfg, name, method, preset)
     out_dir = os.path.join(results_folder(cfg, name, preset), method)
     os.makedirs(out_dir, exist_ok=True)
     log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
@@ -463,13 +489,15 @@ def reproduce(cfg: DictConfig) -> None:
             raise
         finally:
             pool.shutdown(cancel_futures=True)
-        results = {method: outcome[0] for method, outcome in outcomes.items()}
-        costs = {method: outcome[1] for method, outcome in outcomes.items()}
+        earlier = earlier_results(cfg, name, preset, settings)
+        results = {method: (outcomes[method] if method in outcomes else earlier[method])[0]
+                   for method in METHODS if method in outcomes or method in earlier}
+        costs = {method: (outcomes[method] if method in outcomes else earlier[method])[1] for method in results}
         out = results_folder(cfg, name, preset)
         plot_accuracy(list(results.values()), os.path.join(out, "comparison.png"),
                       labels=[METHOD_NAMES.get(m, m) for m in results],
                       title=f"{name}: accuracy by problem length ({cfg.model} model)")
-        summary = summary_markdown(name, preset, cfg.model, results, costs)
+        summary = summary_markdown(name, preset, cfg.model, results, costs, sorted(earlier, key=METHODS.index))
         atomic_write_text(os.path.join(out, "summary.md"), summary)
         steps.update()
         tqdm.write(summary)

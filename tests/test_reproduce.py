@@ -79,6 +79,15 @@ def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
     assert "train.py" not in again.stdout + again.stderr
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
+    # Re-Tuning alone: the comparison keeps the other two methods' results of the earlier run,
+    # and says so; with other evaluation settings they are no longer this comparison's.
+    run_reproduce(tmp_path, "methods=[retuning]")
+    again = (out / "summary.md").read_text()
+    assert again.startswith(summary) and "Baseline, Scratchpad: not run this time" in again[len(summary):]
+    run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
+    rows = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["Re-Tuning"]
+
 
 def test_a_rerun_with_other_settings_redoes_or_refuses_what_they_change_and_keeps_the_rest(tmp_path):
     run_reproduce(tmp_path, "methods=[retuning]")
