@@ -61,17 +61,24 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
     seeds at once never write the files the other trains on."""
     task = get_task(task_name)
     names = file_names(task, method, preset)
-    folder = cfg.data_dir if cfg.seed == 0 else os.path.join(cfg.data_dir, f"seed{cfg.seed}")
+    folder = data_folder(cfg)
     train_path, meta_path = (os.path.join(folder, names[split]) for split in ("train", "meta"))
-    lengths = parse_lengths(settings.lengths) if settings.lengths else None
-    if os.path.exists(meta_path):  # the meta file is written last: its presence means complete
-        meta = data_meta(train_path)
-        if (meta.get("seed"), meta.get("requested_lengths"), meta.get("generator_version")) == (
-                cfg.seed, lengths, GENERATOR_VERSION):
-            return train_path
+    if os.path.exists(meta_path) and made_with(data_meta(train_path), cfg, settings):
+        return train_path  # the meta file is written last: its presence means complete
     os.makedirs(folder, exist_ok=True)
-    generate(task, method, preset, cfg.seed, folder, lengths)
+    generate(task, method, preset, cfg.seed, folder, parse_lengths(settings.lengths) if settings.lengths else None)
     return train_path
+
+
+def data_folder(cfg: DictConfig) -> str:
+    return cfg.data_dir if cfg.seed == 0 else os.path.join(cfg.data_dir, f"seed{cfg.seed}")
+
+
+def made_with(meta: dict, cfg: DictConfig, settings: DictConfig) -> bool:
+    """Whether a dataset's meta says it was made with this seed, these lengths and this generator."""
+    lengths = parse_lengths(settings.lengths) if settings.lengths else None
+    return (meta.get("seed"), meta.get("requested_lengths"), meta.get("generator_version")) == (
+        cfg.seed, lengths, GENERATOR_VERSION)
 
 
 def data_meta(train_path: str) -> dict:
@@ -179,15 +186,26 @@ def settings_difference(path: str, settings: dict) -> str | None:
     return "; ".join(changes) or None
 
 
+def training_overrides(cfg: DictConfig, method: str, settings: DictConfig, meta: dict) -> dict:
+    """train.py's overrides for one method: its budget, then the config's and ``train_args``."""
+    overrides = {**settings.train.get("common", {}), **settings.train.get(method, {}),
+                 **dict(arg.split("=", 1) for arg in cfg.train_args)}
+    return {**training_budget(settings, meta, accumulation_steps(cfg.model, overrides)), **overrides}
+
+
+def training_args(cfg: DictConfig, run_dir: str, train_path: str, overrides: dict) -> list[str]:
+    return [f"model={cfg.model}", f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}",
+            f"run_dir={run_dir}", f"seed={cfg.seed}",
+            *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
+
+
 def train(cfg: DictConfig, run_dir: str, train_path: str, meta: dict, overrides: dict,
           log_path: str | None, threads: int) -> dict:
     """Run ``train.py`` in a child process (resuming an interrupted run); record its wall time and
     peak resident memory beside the run's ``final/``. Returns what ``run_dir/reproduce_args.json``
     records of it, its arguments and its data's ``meta``: a run directory that holds a training
     with others (the config was edited since) stops the run with an error, and nothing is lost."""
-    args = [f"model={cfg.model}", f"datasets=[{train_path}]", f"exp_name={os.path.basename(run_dir)}",
-            f"run_dir={run_dir}", f"seed={cfg.seed}",
-            *[f"{key}={override_value(value)}" for key, value in overrides.items()]]
+    args = training_args(cfg, run_dir, train_path, overrides)
     settings_path = os.path.join(run_dir, "reproduce_args.json")
     recorded = {"train": args, "data": meta}
     command = [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args]
@@ -241,12 +259,7 @@ def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir
     (recorded in ``out_dir/reproduce_args.json``; training is deterministic, so the same
     arguments and data mean the same model)."""
     results_path = os.path.join(out_dir, "results.json")
-    args = ["--checkpoint", run_dir, "--method", method, "--seed", str(cfg.seed),
-            "--device", cfg.eval.device, "--dtype", cfg.eval.dtype]
-    for flag, value in [("--lengths", settings.eval_lengths), ("--samples", settings.eval_samples),
-                        ("--batch-size", cfg.eval.batch_size)]:
-        if value is not None:
-            args += [flag, str(value)]
+    args = evaluation_args(cfg, method, run_dir, settings)
     settings_path = os.path.join(out_dir, "reproduce_args.json")
     recorded = {**training, "evaluate": args}
     results = load_results(results_path) if os.path.exists(results_path) else None
@@ -257,6 +270,16 @@ def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir
         atomic_write_json(settings_path, recorded)
         results = load_results(results_path)
     return results
+
+
+def evaluation_args(cfg: DictConfig, method: str, run_dir: str, settings: DictConfig) -> list[str]:
+    args = ["--checkpoint", run_dir, "--method", method, "--seed", str(cfg.seed),
+            "--device", cfg.eval.device, "--dtype", cfg.eval.dtype]
+    for flag, value in [("--lengths", settings.eval_lengths), ("--samples", settings.eval_samples),
+                        ("--batch-size", cfg.eval.batch_size)]:
+        if value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def results_answer(results: dict, method: str, run_dir: str, seed: int, settings: DictConfig) -> bool:
@@ -354,8 +377,8 @@ def summary_markdown(task_name: str, preset: str, model: str, results: dict[str,
               "memory where it trained on a GPU.", ""]
     if earlier:
         lines += [f"{', '.join(METHOD_NAMES.get(m, m) for m in earlier)}: not run this time (not in "
-                  "`methods`); the results and training of an earlier run with this seed and these "
-                  "evaluation settings.", ""]
+                  "`methods`); the results and training of an earlier run with these settings (data, "
+                  "training and evaluation).", ""]
     return "\n".join(lines)
 
 
@@ -365,6 +388,8 @@ def check_settings(cfg: DictConfig, names: list[str]) -> None:
     now rather than after the trainings: ``eval_samples=0`` -> one line naming it."""
     if not cfg.methods:
         raise SystemExit(f"error: methods is empty; give some of {', '.join(METHODS)}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):  # seed=01 reaches here as '01'
+        raise SystemExit(f"error: seed must be a whole number, got {cfg.seed!r}")
     if cfg.jobs != "auto" and not (isinstance(cfg.jobs, int) and cfg.jobs >= 1):
         raise SystemExit(f"error: jobs must be auto or a whole number >= 1, got {cfg.jobs!r}")
     if cfg.eval.dtype not in EVAL_DTYPES:
@@ -408,17 +433,26 @@ def results_folder(cfg: DictConfig, name: str, preset: str) -> str:
 
 def earlier_results(cfg: DictConfig, name: str, preset: str, settings: DictConfig) -> dict[str, tuple]:
     """Results and training cost of the methods not asked for this time whose finished run and
-    evaluation (these evaluation settings, this seed) are already there, so that
-    ``methods=[retuning]`` after a whole reproduction still compares all three."""
+    evaluation with these settings (data, training and evaluation, as the results folder's
+    ``reproduce_args.json`` records them) are already there, so that ``methods=[retuning]``
+    after a whole reproduction still compares all three."""
     found = {}
     for method in METHODS:
         run_dir = run_folder(cfg, name, method, preset)
-        results_path = os.path.join(results_folder(cfg, name, preset), method, "results.json")
-        if method in cfg.methods or not (os.path.exists(results_path) and
-                                         os.path.isdir(os.path.join(run_dir, "final"))):
+        out_dir = os.path.join(results_folder(cfg, name, preset), method)
+        results_path, settings_path = (os.path.join(out_dir, f) for f in ("results.json", "reproduce_args.json"))
+        if method in cfg.methods or not (os.path.exists(results_path) and os.path.exists(settings_path)
+                                         and os.path.isdir(os.path.join(run_dir, "final"))):
             continue
+        with open(settings_path) as handle:
+            meta = json.load(handle).get("data") or {}
+        if not made_with(meta, cfg, settings):
+            continue
+        train_path = os.path.join(data_folder(cfg), file_names(get_task(name), method, preset)["train"])
+        recorded = {"train": training_args(cfg, run_dir, train_path, training_overrides(cfg, method, settings, meta)),
+                    "data": meta, "evaluate": evaluation_args(cfg, method, run_dir, settings)}
         results = load_results(results_path)
-        if results_answer(results, method, run_dir, cfg.seed, settings):
+        if not settings_difference(settings_path, recorded) and results_answer(results, method, run_dir, cfg.seed, settings):
             found[method] = (results, training_cost(run_dir))
     return found
 
@@ -433,9 +467,7 @@ def train_and_evaluate(cfg: DictConfig, name: str, method: str, preset: str, set
     log = (lambda stage: os.path.join(out_dir, f"{stage}.log")) if jobs > 1 else (lambda stage: None)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     meta = data_meta(train_path)
-    overrides = {**settings.train.get("common", {}), **settings.train.get(method, {}),
-                 **dict(arg.split("=", 1) for arg in cfg.train_args)}
-    overrides = {**training_budget(settings, meta, accumulation_steps(cfg.model, overrides)), **overrides}
+    overrides = training_overrides(cfg, method, settings, meta)
     training = train(cfg, run_dir, train_path, meta, overrides, log("train"), threads)
     steps.update()
     results = evaluate(cfg, name, method, run_dir, out_dir, settings, training, log("eval"), threads)

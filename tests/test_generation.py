@@ -246,16 +246,17 @@ def test_the_meta_file_is_renamed_into_place_last(tmp_path, monkeypatch):
     them into place leaves no meta file, and no temporaries."""
     task, renamed, replace = get_task("addition"), [], os.replace
 
-    def stop_at_the_second_rename(source, target):
-        if renamed:
+    def stop_at_the_third_rename(source, target):
+        if len(renamed) == 2:
             raise KeyboardInterrupt
         replace(source, target)
         renamed.append(os.path.basename(target))
 
-    monkeypatch.setattr(pipeline.os, "replace", stop_at_the_second_rename)
+    monkeypatch.setattr(pipeline.os, "replace", stop_at_the_third_rename)
     with pytest.raises(KeyboardInterrupt):
         pipeline.generate(task, "baseline", "small", 0, str(tmp_path), [1, 2], 3, progress=False)
-    assert renamed == ["addition_baseline_small_train.json"] and os.listdir(tmp_path) == renamed
+    assert renamed == ["addition_baseline_small_train.json", "addition_baseline_small_test.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted(renamed)  # the train and test files, no meta
 
 
 def test_a_killed_script_leaves_no_temporaries(tmp_path):

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,12 @@ def test_toy_pipeline_outputs_are_complete_and_consistent(tmp_path):
     again = (out / "summary.md").read_text()
     assert again.startswith(summary) and "Baseline, Scratchpad: not run this time" in again[len(summary):]
     run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.eval_samples=3")
+    rows = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["Re-Tuning"]
+    # Nor with other training settings (here the data's lengths, for every method): Re-Tuning,
+    # trained anew on them, is not compared with models trained on the old data.
+    shutil.rmtree(tmp_path / "runs" / "addition_retuning_small_tiny_seed0")
+    run_reproduce(tmp_path, "methods=[retuning]", "tasks.addition.small.lengths=1-3")
     rows = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["Re-Tuning"]
 
@@ -265,6 +272,7 @@ def test_unknown_task_model_or_method_stops_with_one_line_before_any_work(tmp_pa
                               ("methods=[foo,baseline]", "error: methods: unknown foo; known: baseline, scratchpad, retuning"),
                               ("methods=[]", "error: methods is empty"),
                               ("jobs=0", "error: jobs must be auto or a whole number >= 1, got 0"),
+                              ("seed=01", "error: seed must be a whole number, got '01'"),
                               ("eval.dtype=int8", "error: eval.dtype must be one of auto, float32"),
                               ("tasks.addition.small.eval_lengths=0-3", "error: tasks.addition.small.eval_lengths=0-3: "),
                               ("tasks.addition.small.eval_samples=0", "error: tasks.addition.small.eval_samples must be")]:
