@@ -7,7 +7,7 @@ labelled by method (``--labels`` overrides); the lengths each model was trained 
 ``--pool`` draws one line per task and method instead, the accuracy pooled over the runs given
 (seeds, say) with the lowest and highest run shaded around it:
 
-    python evaluation/plot.py --pool results/addition*/retuning results/addition*/baseline -o seeds.png
+    python evaluation/plot.py --pool results/addition{,_small_tiny_seed*}/retuning results/addition/baseline -o seeds.png
 """
 from __future__ import annotations
 
