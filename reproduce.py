@@ -66,11 +66,13 @@ def make_data(cfg: DictConfig, task_name: str, method: str, preset: str, setting
     if os.path.exists(meta_path) and made_with(data_meta(train_path), cfg, settings):
         return train_path  # the meta file is written last: its presence means complete
     os.makedirs(folder, exist_ok=True)
-    generate(task, method, preset, cfg.seed, folder, parse_lengths(settings.lengths) if settings.lengths else None)
+    lengths = parse_lengths(settings.lengths) if settings.lengths else None
+    generate(task, method, preset, cfg.seed, folder, lengths)
     return train_path
 
 
 def data_folder(cfg: DictConfig) -> str:
+    """``data`` for seed 0, ``data/seed3`` for seed 3."""
     return cfg.data_dir if cfg.seed == 0 else os.path.join(cfg.data_dir, f"seed{cfg.seed}")
 
 
@@ -440,7 +442,8 @@ def earlier_results(cfg: DictConfig, name: str, preset: str, settings: DictConfi
     for method in METHODS:
         run_dir = run_folder(cfg, name, method, preset)
         out_dir = os.path.join(results_folder(cfg, name, preset), method)
-        results_path, settings_path = (os.path.join(out_dir, f) for f in ("results.json", "reproduce_args.json"))
+        results_path = os.path.join(out_dir, "results.json")
+        settings_path = os.path.join(out_dir, "reproduce_args.json")
         if method in cfg.methods or not (os.path.exists(results_path) and os.path.exists(settings_path)
                                          and os.path.isdir(os.path.join(run_dir, "final"))):
             continue
@@ -449,10 +452,12 @@ def earlier_results(cfg: DictConfig, name: str, preset: str, settings: DictConfi
         if not made_with(meta, cfg, settings):
             continue
         train_path = os.path.join(data_folder(cfg), file_names(get_task(name), method, preset)["train"])
-        recorded = {"train": training_args(cfg, run_dir, train_path, training_overrides(cfg, method, settings, meta)),
-                    "data": meta, "evaluate": evaluation_args(cfg, method, run_dir, settings)}
+        overrides = training_overrides(cfg, method, settings, meta)
+        recorded = {"train": training_args(cfg, run_dir, train_path, overrides), "data": meta,
+                    "evaluate": evaluation_args(cfg, method, run_dir, settings)}
         results = load_results(results_path)
-        if not settings_difference(settings_path, recorded) and results_answer(results, method, run_dir, cfg.seed, settings):
+        if not settings_difference(settings_path, recorded) and \
+                results_answer(results, method, run_dir, cfg.seed, settings):
             found[method] = (results, training_cost(run_dir))
     return found
 
