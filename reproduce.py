@@ -260,18 +260,27 @@ def evaluate(cfg: DictConfig, task_name: str, method: str, run_dir: str, out_dir
     unless ``out_dir`` holds results of this evaluation of the training ``training`` describes
     (recorded in ``out_dir/reproduce_args.json``; training is deterministic, so the same
     arguments and data mean the same model)."""
-    results_path = os.path.join(out_dir, "results.json")
     args = evaluation_args(cfg, method, run_dir, settings)
-    settings_path = os.path.join(out_dir, "reproduce_args.json")
     recorded = {**training, "evaluate": args}
-    results = load_results(results_path) if os.path.exists(results_path) else None
-    if (results is None or settings_difference(settings_path, recorded)
-            or not results_answer(results, method, run_dir, cfg.seed, settings)):
+    results = finished_evaluation(cfg, method, run_dir, out_dir, settings, recorded)
+    if results is None:
         script = os.path.join(REPO_ROOT, "evaluation", f"evaluate_{task_name}.py")
         run_child([sys.executable, script, *args, "--out", out_dir], log_path, threads)
-        atomic_write_json(settings_path, recorded)
-        results = load_results(results_path)
+        atomic_write_json(os.path.join(out_dir, "reproduce_args.json"), recorded)
+        results = load_results(os.path.join(out_dir, "results.json"))
     return results
+
+
+def finished_evaluation(cfg: DictConfig, method: str, run_dir: str, out_dir: str, settings: DictConfig,
+                        recorded: dict) -> dict | None:
+    """The results in ``out_dir`` where they are of this evaluation of this training (``recorded``
+    as its ``reproduce_args.json`` holds it, and the results say so of themselves), else None."""
+    results_path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(results_path) or settings_difference(os.path.join(out_dir, "reproduce_args.json"),
+                                                               recorded):
+        return None
+    results = load_results(results_path)
+    return results if results_answer(results, method, run_dir, cfg.seed, settings) else None
 
 
 def evaluation_args(cfg: DictConfig, method: str, run_dir: str, settings: DictConfig) -> list[str]:
@@ -442,9 +451,8 @@ def earlier_results(cfg: DictConfig, name: str, preset: str, settings: DictConfi
     for method in METHODS:
         run_dir = run_folder(cfg, name, method, preset)
         out_dir = os.path.join(results_folder(cfg, name, preset), method)
-        results_path = os.path.join(out_dir, "results.json")
         settings_path = os.path.join(out_dir, "reproduce_args.json")
-        if method in cfg.methods or not (os.path.exists(results_path) and os.path.exists(settings_path)
+        if method in cfg.methods or not (os.path.exists(settings_path)
                                          and os.path.isdir(os.path.join(run_dir, "final"))):
             continue
         with open(settings_path) as handle:
@@ -455,9 +463,8 @@ def earlier_results(cfg: DictConfig, name: str, preset: str, settings: DictConfi
         overrides = training_overrides(cfg, method, settings, meta)
         recorded = {"train": training_args(cfg, run_dir, train_path, overrides), "data": meta,
                     "evaluate": evaluation_args(cfg, method, run_dir, settings)}
-        results = load_results(results_path)
-        if not settings_difference(settings_path, recorded) and \
-                results_answer(results, method, run_dir, cfg.seed, settings):
+        results = finished_evaluation(cfg, method, run_dir, out_dir, settings, recorded)
+        if results is not None:
             found[method] = (results, training_cost(run_dir))
     return found
 
@@ -527,14 +534,14 @@ def reproduce(cfg: DictConfig) -> None:
         finally:
             pool.shutdown(cancel_futures=True)
         earlier = earlier_results(cfg, name, preset, settings)
-        results = {method: (outcomes[method] if method in outcomes else earlier[method])[0]
-                   for method in METHODS if method in outcomes or method in earlier}
-        costs = {method: (outcomes[method] if method in outcomes else earlier[method])[1] for method in results}
+        compared = {**earlier, **outcomes}
+        results = {method: compared[method][0] for method in METHODS if method in compared}
+        costs = {method: compared[method][1] for method in results}
         out = results_folder(cfg, name, preset)
         plot_accuracy(list(results.values()), os.path.join(out, "comparison.png"),
                       labels=[METHOD_NAMES.get(m, m) for m in results],
                       title=f"{name}: accuracy by problem length ({cfg.model} model)")
-        summary = summary_markdown(name, preset, cfg.model, results, costs, sorted(earlier, key=METHODS.index))
+        summary = summary_markdown(name, preset, cfg.model, results, costs, list(earlier))
         atomic_write_text(os.path.join(out, "summary.md"), summary)
         steps.update()
         tqdm.write(summary)

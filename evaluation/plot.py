@@ -85,12 +85,13 @@ def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: 
     for index, results in enumerate(all_results):
         lengths = sorted(results["lengths"], key=int)
         label = labels[index] if labels else METHOD_NAMES.get(results.get("method"), results.get("method"))
-        if results.get("runs", 1) > 1:
+        pooled = results.get("runs", 1) > 1
+        if pooled:
             label = f"{label} ({results['runs']} runs)"
         marker, dash = styles[index % len(styles)]
         line, = axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
                           marker=marker, markersize=4, linestyle=dash, fillstyle="none", label=label)
-        if results.get("runs", 1) > 1:  # pooled runs: the lowest and highest of them around the line
+        if pooled:  # the lowest and highest of the runs around the line
             axes.fill_between([int(n) for n in lengths], [100 * results["lengths"][n]["low"] for n in lengths],
                               [100 * results["lengths"][n]["high"] for n in lengths],
                               color=line.get_color(), alpha=0.15, linewidth=0)
