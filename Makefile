@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt
 install: $(VENV)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal tests   # one worker per core (pytest-xdist)
 
 reproduce: install
 	$(BIN)/python reproduce.py
