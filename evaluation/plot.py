@@ -89,11 +89,11 @@ def plot_accuracy(all_results: list[dict], out_path: str | os.PathLike, labels: 
         if pooled:
             label = f"{label} ({results['runs']} runs)"
         marker, dash = styles[index % len(styles)]
-        line, = axes.plot([int(n) for n in lengths], [100 * results["lengths"][n]["accuracy"] for n in lengths],
+        xs, rows = [int(n) for n in lengths], [results["lengths"][n] for n in lengths]
+        line, = axes.plot(xs, [100 * row["accuracy"] for row in rows],
                           marker=marker, markersize=4, linestyle=dash, fillstyle="none", label=label)
         if pooled:  # the lowest and highest of the runs around the line
-            axes.fill_between([int(n) for n in lengths], [100 * results["lengths"][n]["low"] for n in lengths],
-                              [100 * results["lengths"][n]["high"] for n in lengths],
+            axes.fill_between(xs, [100 * row["low"] for row in rows], [100 * row["high"] for row in rows],
                               color=line.get_color(), alpha=0.15, linewidth=0)
     first = all_results[0]
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # lengths are whole numbers

@@ -290,9 +290,9 @@ def test_other_tasks_generate_through_the_same_pipeline(task_name, tmp_path):
         pytest.skip(f"tasks/{task_name}.py has not landed yet")
     task = get_task(task_name)
     args = ["--preset", "small", "--methods", "retuning,baseline", "--test-per-length", "5", "--seed", "2"]
-    result = run_script(task_name, *args, "--out-dir", str(tmp_path / "first"))
-    assert result.returncode == 0, result.stderr
     folder = str(tmp_path / "first")
+    result = run_script(task_name, *args, "--out-dir", folder)
+    assert result.returncode == 0, result.stderr
     for method in ("retuning", "baseline"):
         train = load(folder, task_name, method, "small", "train")
         meta = load(folder, task_name, method, "small", "meta")
