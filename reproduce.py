@@ -421,12 +421,13 @@ def check_settings(cfg: DictConfig, names: list[str]) -> None:
 
 
 def parallel_jobs(cfg: DictConfig) -> int:
-    """Methods trained and evaluated at once: ``auto`` is one per CPU core for the tiny model
-    (each child runs one thread, the fastest setting measured for it) and 1 for any other model,
-    which would share one GPU."""
+    """Methods trained and evaluated at once: ``auto`` is all of them for the tiny model and 1 for
+    any other model, which would share one GPU. Three one-thread trainings on two cores computed
+    as many tokens per second together as two did (docs/tiny_model.md), and none then waits for
+    a core while another sits idle at the end."""
     if cfg.jobs != "auto":
         return cfg.jobs
-    return max(1, min(len(cfg.methods), os.cpu_count() or 1)) if cfg.model == "tiny" else 1
+    return len(cfg.methods) if cfg.model == "tiny" else 1
 
 
 def run_folder(cfg: DictConfig, name: str, method: str, preset: str) -> str:
@@ -524,7 +525,7 @@ def reproduce(cfg: DictConfig) -> None:
         pool = ThreadPoolExecutor(jobs)
         try:
             # Last listed, first started: Re-Tuning, by default, trains longest (its records pad
-            # most), and the two shorter trainings then share the other core one after the other.
+            # most), so with fewer jobs than methods the shorter trainings queue behind it.
             futures = {method: pool.submit(train_and_evaluate, cfg, name, method, preset, settings,
                                            train_paths[method], jobs, steps) for method in reversed(cfg.methods)}
             outcomes = {method: futures[method].result() for method in cfg.methods}
