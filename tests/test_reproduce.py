@@ -248,6 +248,19 @@ def test_a_token_budget_gives_batches_that_split_into_the_models_accumulation_st
     assert training_budget(settings, {"tokens": {"mean": 400.0}}, 32) == {"batch_size": 32, "n_examples": 96}
 
 
+def test_jobs_auto_trains_every_method_at_once_on_a_cpu_and_one_at_a_time_on_a_gpu():
+    # Three one-thread trainings on two cores compute as much together as two (docs/tiny_model.md),
+    # so the tiny model's methods all start at once, whatever the core count; a hub model's share a GPU.
+    from reproduce import parallel_jobs
+    methods = ["baseline", "scratchpad", "retuning"]
+
+    def jobs(**settings):
+        return parallel_jobs(OmegaConf.create({"jobs": "auto", "model": "tiny", "methods": methods, **settings}))
+    assert jobs() == 3 and jobs(methods=["retuning"]) == 1
+    assert jobs(model="llama7b") == 1 and jobs(model="tinyllama") == 1
+    assert jobs(jobs=2) == 2 and jobs(jobs=1) == 1
+
+
 def test_summary_shows_peak_gpu_memory_of_runs_trained_on_a_gpu(tmp_path):
     from reproduce import STATS_FILE, summary_markdown, training_cost
     results = {"lengths": {"1": {"problems": 2, "correct": 1}}, "settings": {"train_lengths": [1]}}
