@@ -107,3 +107,22 @@ def test_the_one_at_a_time_backend_decodes_line_positions_too(line_model):
     model, tokenizer = line_model
     completions = HFSequentialBackend(model, tokenizer).generate([Request(c, 40) for c in CONTEXTS])
     assert [(c.text, c.hit_eos) for c in completions] == [naive_greedy(model, tokenizer, c, 40) for c in CONTEXTS]
+
+
+def test_a_forward_pass_with_line_positions_needs_its_attention_mask(line_model):
+    """What the README warns of: with line-position ids and neither a mask nor a cache (the
+    trainer saves checkpoints with ``use_cache: false``), transformers reads each jump in the ids
+    as the start of another packed sequence, so the second line no longer sees the first; with a
+    mask of ones every token sees all before it."""
+    model, tokenizer = line_model
+    lines = LinePositions.of(model, tokenizer)
+    ids = encode(tokenizer, "12 + 34\nSolution: ")
+    second_line = slice(len("12 + 34\n"), None)
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=lines.ids(ids),
+                       use_cache=False).logits
+        unmasked = model(input_ids=ids, position_ids=lines.ids(ids), use_cache=False).logits
+        second_alone = model(input_ids=ids[:, second_line], attention_mask=torch.ones_like(ids[:, second_line]),
+                             position_ids=lines.ids(ids)[:, second_line], use_cache=False).logits
+    assert torch.allclose(unmasked[:, second_line], second_alone, atol=1e-5)
+    assert not torch.allclose(masked[:, second_line], second_alone, atol=1e-3)
