@@ -117,12 +117,13 @@ def test_a_forward_pass_with_line_positions_needs_its_attention_mask(line_model)
     model, tokenizer = line_model
     lines = LinePositions.of(model, tokenizer)
     ids = encode(tokenizer, "12 + 34\nSolution: ")
+    positions = lines.ids(ids)
     second_line = slice(len("12 + 34\n"), None)
     with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=lines.ids(ids),
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
                        use_cache=False).logits
-        unmasked = model(input_ids=ids, position_ids=lines.ids(ids), use_cache=False).logits
+        unmasked = model(input_ids=ids, position_ids=positions, use_cache=False).logits
         second_alone = model(input_ids=ids[:, second_line], attention_mask=torch.ones_like(ids[:, second_line]),
-                             position_ids=lines.ids(ids)[:, second_line], use_cache=False).logits
+                             position_ids=positions[:, second_line], use_cache=False).logits
     assert torch.allclose(unmasked[:, second_line], second_alone, atol=1e-5)
     assert not torch.allclose(masked[:, second_line], second_alone, atol=1e-3)
