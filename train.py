@@ -69,9 +69,18 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
         if cfg[name] not in allowed:
             raise SettingError(f"{name} must be one of {', '.join(allowed)}, got {cfg[name]!r}")
     try:
-        pick_device(cfg.device)
+        device = pick_device(cfg.device)
     except (ValueError, RuntimeError) as error:  # RuntimeError: a device string torch cannot read
         raise SettingError(str(error)) from None
+    if not isinstance(cfg.compile, bool):
+        raise SettingError(f"compile must be true or false, got {cfg.compile!r}")
+    if cfg.compile and device.type == "cpu":
+        from torch._inductor import cpp_builder  # the compiler inductor itself would take
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:  # inductor's InvalidCxxCompiler, else at the first step, deep in a traceback
+            raise SettingError("compile=true on a CPU needs a C++ compiler (g++, or $CXX), and none works "
+                               "here; install one or set compile=false") from None
     if cfg.batch_size % (cfg.gradient_accumulation_steps * world_size):
         raise SettingError(f"batch_size={cfg.batch_size} must split evenly into gradient_accumulation_steps="
                            f"{cfg.gradient_accumulation_steps} x {world_size} processes")
@@ -81,7 +90,7 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
 # where it runs. Any other setting would continue the run as another one under its name.
 RESUMABLE_SETTINGS = {"exp_name", "run_dir", "resume", "overwrite", "n_examples", "n_epochs", "n_eval_examples",
                       "eval_every", "save_every", "keep_checkpoints", "eval_at_start", "eval_batch_size",
-                      "log_every", "tensorboard", "wandb", "device", "num_threads"}
+                      "log_every", "tensorboard", "wandb", "device", "num_threads", "compile"}
 
 
 def config_differences(saved: DictConfig, now: DictConfig) -> list[str]:

@@ -28,6 +28,7 @@ TOY = [
         "n_eval_examples=16",
         "eval_batch_size=16",
         "warmup_steps=1",
+        "compile=false",  # the reproduction's; test_train.py checks it, and here it would cost a minute
     ]) + "]",
 ]
 

@@ -158,6 +158,32 @@ def test_bf16_autocast_on_a_cpu_uses_eager_attention_and_an_fp32_head_and_stays_
         trainer.logger.close()
 
 
+def test_a_compiled_training_learns_the_weights_of_an_eager_one_and_saves_a_plain_checkpoint(tmp_path, dataset):
+    # Packed rows with line positions and position gaps: the reproduction's Re-Tuning steps, whose
+    # batches change rows, width and mask dtype from step to step.
+    common = ["pack_records=true", "eval_every=0", "save_every=0", "eval_at_start=false",
+              "position_gaps=[{after: '+', max: 3}]"]
+    eager = run(config(tmp_path, dataset, *common, name="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, again = (run(config(tmp_path, dataset, *common, "compile=true", name=name)) for name in ("compiled", "again"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile, and did not fall back
+    compiled, again, eager = (weights(f"{run_dir}/final") for run_dir in (compiled, again, eager))
+    assert compiled.keys() == eager.keys()  # no "_orig_mod." prefixes
+    assert_same_weights(eager, compiled, atol=1e-4)
+    assert_same_weights(compiled, again, exact=True)  # same seed, same bytes
+
+
+def test_compile_without_a_cpp_compiler_stops_before_anything_is_written(tmp_path, dataset, monkeypatch):
+    from torch._inductor import config as inductor_config
+    from train import SettingError
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
+    with pytest.raises(SettingError, match=re.escape("compile=true on a CPU needs a C++ compiler")):
+        build(config(tmp_path, dataset, "compile=true"))
+    assert not (tmp_path / "run").exists()
+    build(config(tmp_path, dataset, "compile=false")).logger.close()  # no compiler needed without it
+
+
 def test_the_tiny_model_trains_without_tf32_and_the_flag_reaches_torch(tmp_path, dataset):
     # TF32's 10-bit mantissa in the output layer stalled the tiny baseline on an H100, as bf16
     # logits did (docs/tiny_model.md); the llama configs keep the paper's TF32.
@@ -664,6 +690,7 @@ def test_without_held_out_records_no_eval_loss_is_invented_and_bad_options_fail_
     ("keep_checkpoints=-1", "keep_checkpoints must be a whole number >= 0 or null"),
     ("mixed_precision=fp8", "mixed_precision must be one of auto, bf16, none, got 'fp8'"),
     ("distractor_line.share=1.5", "distractor_line.share must be a share in [0, 1], got 1.5"),
+    ("compile=yes", "compile must be true or false, got 'yes'"),
     ("gradient_accumulation_steps=3", "batch_size=8 must split evenly into gradient_accumulation_steps=3"),
     pytest.param("device=cuda", "device=cuda: this torch", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a machine with a GPU runs device=cuda")),
