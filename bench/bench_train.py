@@ -1,14 +1,15 @@
 """Training throughput: random batches padded (the named baseline), random batches packed several
 records to a row (``pack_records``), length-grouped batches, and packed batches under bf16 autocast
-(``mixed_precision=bf16``; the others fp32), on the same data; and tokens per record of each
-method (the paper's point that Re-Tuning trains on fewer tokens than the scratchpad).
+(``mixed_precision=bf16``; the others fp32), eager and compiled (``compile=true``), on the same
+data; and tokens per record of each method (the paper's point that Re-Tuning trains on fewer
+tokens than the scratchpad).
 
     python bench/bench_train.py                                # addition, small preset, tiny model, CPU
     python bench/bench_train.py --task dp --steps 60 --batch-size 32
     python bench/bench_train.py --data-dir data --preset paper  # existing files, no generation
 
 Every throughput run uses the real trainer with the same config and seed, differing only in
-``group_by_length``, ``pack_records`` and ``mixed_precision``; its first two steps are a warm-up
+``group_by_length``, ``pack_records``, ``mixed_precision`` and ``compile``; its first two steps are a warm-up
 and are left out. tokens/s counts real (non-padding) tokens, so padding removed shows up as speed.
 """
 from __future__ import annotations
@@ -57,11 +58,13 @@ def tokens_per_record(task: str, paths: dict[str, str], tokenizer) -> None:
               f"{(data.lengths - data.prompt_lengths).mean():>15.1f}{per_problem}")
 
 
-# fp32 unless named: the last row differs from "random, packed" only in bf16 autocast.
+# fp32 unless named: "packed, bf16" differs from "random, packed" only in bf16 autocast, and
+# "bf16, compiled" from it only in torch.compile (whose compile its warm-up steps take).
 BATCHINGS = {"random": ["group_by_length=false", "pack_records=false", "mixed_precision=none"],
              "random, packed": ["group_by_length=false", "pack_records=true", "mixed_precision=none"],
              "length-grouped": ["group_by_length=true", "pack_records=false", "mixed_precision=none"],
-             "packed, bf16": ["group_by_length=false", "pack_records=true", "mixed_precision=bf16"]}
+             "packed, bf16": ["group_by_length=false", "pack_records=true", "mixed_precision=bf16"],
+             "bf16, compiled": ["group_by_length=false", "pack_records=true", "mixed_precision=bf16", "compile=true"]}
 
 
 def throughput(path: str, args, folder: str, batching: str, round_: int) -> dict:
@@ -122,6 +125,8 @@ def main() -> None:
     bf16_ratio = median["packed, bf16"]["wall"] / median["random, packed"]["wall"]
     print(f"bf16 autocast vs fp32, both packed: {bf16_ratio:.2f}x (this CPU {'has' if cpu_has_native_bf16() else 'lacks'}"
           " native bf16; mixed_precision=auto uses it only if it has)")
+    compile_ratio = median["bf16, compiled"]["wall"] / median["packed, bf16"]["wall"]
+    print(f"torch.compile vs eager, both packed bf16: {compile_ratio:.2f}x (compile time left out)")
 
 
 if __name__ == "__main__":
