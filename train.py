@@ -87,7 +87,8 @@ def check_settings(cfg: DictConfig, world_size: int) -> None:
 
 
 # What a resumed run may change: how far it trains, how it logs, evaluates and checkpoints, and
-# where it runs. Any other setting would continue the run as another one under its name.
+# where and how it runs (device, threads, compiled or not). Any other setting would continue the
+# run as another one under its name.
 RESUMABLE_SETTINGS = {"exp_name", "run_dir", "resume", "overwrite", "n_examples", "n_epochs", "n_eval_examples",
                       "eval_every", "save_every", "keep_checkpoints", "eval_at_start", "eval_batch_size",
                       "log_every", "tensorboard", "wandb", "device", "num_threads", "compile"}

@@ -9,8 +9,8 @@ tokens than the scratchpad).
     python bench/bench_train.py --data-dir data --preset paper  # existing files, no generation
 
 Every throughput run uses the real trainer with the same config and seed, differing only in
-``group_by_length``, ``pack_records``, ``mixed_precision`` and ``compile``; its first two steps are a warm-up
-and are left out. tokens/s counts real (non-padding) tokens, so padding removed shows up as speed.
+``group_by_length``, ``pack_records``, ``mixed_precision`` and ``compile``; its first two steps
+are a warm-up and are left out. tokens/s counts real (non-padding) tokens, so padding removed shows up as speed.
 """
 from __future__ import annotations
 
