@@ -10,7 +10,8 @@ tokens than the scratchpad).
 
 Every throughput run uses the real trainer with the same config and seed, differing only in
 ``group_by_length``, ``pack_records``, ``mixed_precision`` and ``compile``; its first two steps
-are a warm-up and are left out. tokens/s counts real (non-padding) tokens, so padding removed shows up as speed.
+are a warm-up and are left out. tokens/s counts real (non-padding) tokens, so padding removed
+shows up as speed.
 """
 from __future__ import annotations
 
